@@ -1,0 +1,222 @@
+"""The ``compress`` command: parse, build configs, call the library, print a summary. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compress import prune as prune_methods
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Post-training compression of causal LMs: prune, evaluate, inspect.",
+)
+log = logging.getLogger("compress")
+
+METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in prune_methods.METHODS.values())
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Hub id, local model folder, or .gguf file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (refused if it exists, unless --overwrite).")],
+    method: Annotated[str, typer.Option(help=f"Pruning method. {METHOD_HELP}.")] = "wanda",
+    sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of zeros in (0, 1).")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M semi-structured, e.g. 2:4 or 4:8 (instead of --sparsity).")] = None,
+    scope: Annotated[Optional[str], typer.Option(help="Comparison group for unstructured masks: row | matrix | block "
+                                                 "(default: the method's paper: magnitude matrix, wanda row, sparsegpt block).")] = None,
+    calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), or a .txt / .jsonl path.")] = "wikitext2",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window (capped by the model's context).")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Regex of linear names to keep dense (repeatable).")] = None,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT: columns per lazy-update block.")] = 128,
+    dampening: Annotated[float, typer.Option(help="SparseGPT: fraction of the mean Hessian diagonal added to it.")] = 0.01,
+    device: Annotated[str, typer.Option(help="Where the work happens: auto | cpu | cuda[:N]. Weights rest on CPU.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto (checkpoint's; float32 for .gguf) | float32 | bfloat16 | float16.")] = "auto",
+    chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward; 0 = all at once (one pass per block).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder (only once the new one is complete).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    """Prune MODEL's decoder linears block by block on calibration text and save the result to --out."""
+    from compress import export, models, pipeline
+    from compress.calibration.data import CalibrationError, calibration_batches
+    from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
+
+    _setup_logging(verbose)
+    try:
+        prune_methods.get(method)
+        cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
+                          blocksize=blocksize, dampening=dampening, ignore=tuple(ignore or ()))
+        if chunk_samples < 0:
+            raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
+        calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        if calib not in ("wikitext2",) and not Path(calib).is_file():
+            raise CalibrationError(f"--calib {calib!r} is neither wikitext2 nor a file: pass a .txt or .jsonl path")
+        export.check_output(out, overwrite)
+        dev = models.resolve_device(device)
+        t0 = time.perf_counter()
+        lm, tokenizer = models.load(model, dtype)
+        pipeline.check(lm, cfg)
+        max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
+        if seqlen > max_ctx:
+            log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
+            calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
+        tokens, manifest = calibration_batches(tokenizer, calib_cfg)
+    except ValueError as err:
+        _fail(str(err))
+    log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
+             model, time.perf_counter() - t0, calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.source, seed)
+
+    from tqdm import tqdm
+
+    n_blocks = len(models.decoder_blocks(lm)[1])
+    with tqdm(total=n_blocks, desc=f"{method} {cfg.pattern}", unit="block", file=sys.stderr) as bar:
+        def on_block(block_report, _total):
+            bar.set_postfix(err=f"{block_report.mean_error:.4f}")
+            bar.update()
+
+        report = pipeline.compress_sequential(lm, tokens, cfg, dev, chunk_samples or None, on_block)
+    metadata = {
+        "source_model": model,
+        "recipe": Recipe(prune=cfg, calib=calib_cfg).to_dict(),
+        "calibration": manifest.to_dict(),
+        "device": str(dev),
+        "report": report.to_dict(),
+    }
+    export.save_dense(lm, tokenizer, out, metadata, overwrite)
+    _print_prune_summary(report, out)
+
+
+def _print_prune_summary(report, out: Path) -> None:
+    layers = report.layers
+    worst = max(layers, key=lambda r: r.rel_error)
+    typer.echo(f"\n{'method':<22}{report.method} ({report.pattern})")
+    typer.echo(f"{'linears pruned':<22}{len(layers)}")
+    typer.echo(f"{'achieved sparsity':<22}{report.sparsity:.4f}")
+    typer.echo(f"{'mean rel. error':<22}{sum(r.rel_error for r in layers) / len(layers):.4f}")
+    typer.echo(f"{'worst rel. error':<22}{worst.rel_error:.4f} ({worst.name})")
+    typer.echo(f"{'seconds':<22}{report.seconds:.1f}")
+    typer.echo(f"{'output':<22}{out}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Output folder of compress, a model folder, hub id, or .gguf file.")],
+    ppl: Annotated[str, typer.Option(help="Perplexity text: wikitext2 (hub test split) or a .txt / .jsonl path.")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="Window length in tokens (capped by the model's context).")] = 2048,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Measure perplexity of MODEL (dense or compressed) with the Wanda/SparseGPT papers' protocol."""
+    from tqdm import tqdm
+
+    from compress import export, models
+    from compress.calibration.data import read_text
+    from compress.evals.perplexity import PROTOCOL, perplexity
+
+    _setup_logging(verbose)
+    try:
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit {limit} must be at least 1")
+        if seqlen < 2 or batch_size < 1:
+            raise ValueError(f"--seqlen {seqlen} must be >= 2 and --batch-size {batch_size} >= 1")
+        if ppl != "wikitext2":
+            read_text(ppl)
+        dev = models.resolve_device(device)
+        lm, tokenizer = models.load(model, dtype)
+    except ValueError as err:
+        _fail(str(err))
+    lm.to(dev)
+    with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
+        def on_window(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
+    typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
+    typer.echo(f"protocol: {PROTOCOL}")
+    if json_out:
+        _write_json(json_out, {**result.to_dict(), "model": model, "compression": export.read_metadata(Path(model))
+                               if Path(model).is_dir() else None, "versions": export.versions()})
+
+
+@app.command()
+def info(
+    folder: Annotated[Path, typer.Argument(help="A folder written by compress prune (or any safetensors model).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per-layer sparsity, read from the weights themselves, and totals."""
+    from compress import export
+
+    if not folder.is_dir():
+        _fail(f"{str(folder)!r} is not a folder: pass an output folder of compress prune")
+    try:
+        rows = export.sparsity_table(folder)
+    except ValueError as err:
+        _fail(str(err))
+    linear_rows = [r for r in rows if r["in_block"]]
+    numel = lambda r: r["shape"][0] * r["shape"][1]  # noqa: E731
+    total = sum(numel(r) for r in linear_rows) or 1
+    zeros = sum(r["sparsity"] * numel(r) for r in linear_rows)
+    all_total = sum(numel(r) for r in rows) or 1
+    all_zeros = sum(r["sparsity"] * numel(r) for r in rows)
+    meta = export.read_metadata(folder)
+    summary = {"block_linears_sparsity": zeros / total, "all_weights_sparsity": all_zeros / all_total,
+               "recipe": meta.get("recipe") if meta else None}
+    if as_json:
+        typer.echo(json.dumps({"layers": rows, **summary}, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    typer.echo(f"{'tensor':<{width}}  {'shape':>14}  {'sparsity':>8}  {'N:M':>4}")
+    for r in rows:
+        typer.echo(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['sparsity']:>8.4f}  {r['nm']:>4}")
+    typer.echo(f"\ndecoder linears: {summary['block_linears_sparsity']:.4f} zeros; all 2-D weights: "
+               f"{summary['all_weights_sparsity']:.4f} zeros")
+    if meta:
+        pruned = meta["recipe"]["prune"]
+        typer.echo(f"recipe: {pruned['method']} {meta['report']['pattern']}, calibration {meta['calibration']}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

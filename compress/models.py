@@ -1,0 +1,127 @@
+"""Loading and saving models, and the one place that knows how architectures are laid out.
+
+Everything architecture-specific is derived, not listed: decoder blocks are the ``nn.ModuleList`` holding
+``config.num_hidden_layers`` modules; a block's prunable linears are its ``nn.Linear`` and GPT-2 style
+``Conv1D`` modules (whose weight is stored transposed, ``(in, out)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model cannot be used: the message names it and what to do."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU. Raises ModelError for an unavailable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(f"--device {device!r} is not a device: use auto, cpu or cuda") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for CUDA but torch sees no GPU: use --device cpu")
+    return dev
+
+
+def load(spec: str, dtype: str = "auto"):
+    """Load a causal LM and its tokenizer from a hub id, a local folder or a ``.gguf`` file (weights on CPU).
+
+    A GGUF checkpoint is dequantized (to float32 unless ``dtype`` says otherwise) and its quantization
+    config dropped, so the model saves as ordinary safetensors.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+
+    Raises:
+        ModelError: missing path, not a causal LM, or not loadable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    path = Path(spec)
+    is_gguf = spec.endswith(".gguf")
+    looks_local = is_gguf or spec.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise ModelError(f"model path {spec!r} does not exist: pass a hub id, a model folder or a .gguf file")
+    kwargs: dict = {}
+    if is_gguf:
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+        torch_dtype = DTYPES.get(dtype, torch.float32)
+    else:
+        where, torch_dtype = spec, (DTYPES[dtype] if dtype != "auto" else "auto")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelError(f"{spec!r} is not a causal LM: compress needs a model AutoModelForCausalLM loads") from err
+        raise ModelError(f"cannot load {spec!r}: {str(err).splitlines()[0]}") from err
+    except OSError as err:
+        raise ModelError(f"cannot load {spec!r} ({str(err).splitlines()[0]}): check the hub id or pass a local folder") from err
+    if is_gguf:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(prefix, blocks)``: the ModuleList of the model's ``num_hidden_layers`` decoder blocks.
+
+    Raises:
+        ModelError: no such list (an architecture this module cannot see through).
+    """
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers:
+            return name, module
+    raise ModelError(
+        f"{type(model).__name__}: found no ModuleList of config.num_hidden_layers={n_layers} decoder blocks; "
+        "this architecture is not supported yet"
+    )
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The block's prunable linear layers by name relative to the block, in definition order."""
+    return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+
+def weight_view(linear: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)``; a view, so ``weight_view(m).copy_(W)`` writes the module's weight."""
+    w = linear.weight.data
+    return w.t() if type(linear).__name__ == "Conv1D" else w
+
+
+def in_features(linear: nn.Module) -> int:
+    return weight_view(linear).shape[1]
+
+
+def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def move_non_blocks_(model: nn.Module, blocks_prefix: str, device: torch.device) -> None:
+    """Move every parameter and buffer outside the decoder blocks (embeddings, norms, rotary) to ``device``."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(blocks_prefix + "."):
+            tensor.data = tensor.data.to(device)

@@ -1,0 +1,56 @@
+"""Turn scores into keep-masks: the one place that knows comparison groups and N:M.
+
+``select(score, pattern, scope)`` returns a bool mask, ``True`` where a weight is kept. Lower score means
+pruned first. Counts are exact: each comparison group loses ``round(size * sparsity)`` weights (ties broken
+by position), and N:M keeps exactly ``n`` of every ``m`` consecutive input weights of a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.config import Pattern
+
+
+def n_pruned(size: int, sparsity: float) -> int:
+    """How many of ``size`` weights a group at ``sparsity`` loses."""
+    return int(round(size * sparsity))
+
+
+def prune_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask of the same shape as ``score`` ``(rows, cols)`` dropping the ``k`` lowest of each row."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(score, k, dim=-1, largest=False).indices
+        keep.scatter_(-1, idx, False)
+    return keep
+
+
+def select_nm(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest-scoring weights of every ``m`` consecutive columns of each row.
+
+    Raises:
+        ValueError: the number of columns is not divisible by ``m``.
+    """
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"{n}:{m} needs in_features divisible by {m}, got {cols}")
+    groups = score.reshape(rows, cols // m, m)  # (out, in/m, m)
+    return prune_lowest(groups, m - n).reshape(rows, cols)
+
+
+def select(score: torch.Tensor, pattern: Pattern, scope: str = "row") -> torch.Tensor:
+    """Keep-mask ``(out, in)`` for ``score`` ``(out, in)`` under ``pattern``.
+
+    Args:
+        scope: comparison group of an unstructured pattern: ``row`` (each output row loses the same
+            count) or ``matrix`` (one ranking over the whole matrix). Ignored for N:M.
+    """
+    if pattern.is_nm:
+        return select_nm(score, pattern.n, pattern.m)
+    if scope == "row":
+        return prune_lowest(score, n_pruned(score.shape[1], pattern.sparsity))
+    if scope == "matrix":
+        flat = score.reshape(1, -1)
+        return prune_lowest(flat, n_pruned(flat.shape[1], pattern.sparsity)).reshape(score.shape)
+    raise ValueError(f"scope {scope!r} is not row or matrix")

@@ -1,0 +1,103 @@
+"""SparseGPT: optimal-brain-surgeon pruning with weight update, column by column.
+
+Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+arXiv:2301.00774. Symbols follow the paper:
+
+    W     (out, in)   weights, updated in place as columns are frozen
+    H     (in, in)    Hessian of the layer-wise loss, ∝ X Xᵀ (here the mean Gram matrix), dampened
+    Hinv  (in, in)    upper Cholesky factor of H⁻¹: row i holds the OBS update for column i
+    M     (out, in)   keep-mask, chosen per block of ``blocksize`` columns (or per N:M group) by the
+                      saliency w² / [H⁻¹]_ii²
+
+Pruning column i sets the masked weights to zero and spreads their error over the columns not yet frozen:
+``W[:, i:] -= (w_i - q_i) / Hinv_ii · Hinv[i, i:]``; blocks are updated lazily (one GEMM per block).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from compress.config import Pattern
+from compress.prune import masks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    W: torch.Tensor  # (out, in) pruned and updated weights
+    mask: torch.Tensor  # (out, in) bool, True where kept
+
+
+def inverse_hessian_factor(H: torch.Tensor, dampening: float, retries: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dampen ``H`` and return ``(upper Cholesky factor of H⁻¹, dead)``, ``dead`` the zero-input columns.
+
+    The Cholesky is retried with ten times the dampening each time it fails (H is only PSD).
+    """
+    H = H.clone()
+    dead = H.diagonal() == 0  # (in,) inputs never active: their weights can go for free
+    H[dead, dead] = 1
+    mean_diag = H.diagonal().mean()
+    damp = dampening if dampening > 0 else 1e-6
+    for attempt in range(retries):
+        try:
+            Hd = H + damp * mean_diag * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            L = torch.linalg.cholesky(Hd)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True), dead
+        except torch.linalg.LinAlgError:
+            log.warning("Cholesky failed with dampening %.3g (attempt %d); retrying with 10x more", damp, attempt + 1)
+            damp *= 10
+    raise RuntimeError(f"Hessian not positive definite even with dampening {damp / 10:.3g}")
+
+
+def solve(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    pattern: Pattern,
+    blocksize: int = 128,
+    dead: torch.Tensor | None = None,
+) -> Result:
+    """Prune ``W`` ``(out, in)`` to ``pattern`` with OBS weight updates.
+
+    Args:
+        Hinv: ``(in, in)`` upper Cholesky factor of the dampened inverse Hessian (``inverse_hessian_factor``).
+        blocksize: columns per lazy-update block; for unstructured patterns also the mask-selection group
+            (each block of ``out × blocksize`` weights loses the same fraction).
+        dead: ``(in,)`` bool, input channels that never fire; their weights are zeroed first.
+
+    Returns:
+        Result with the pruned weights (in ``Hinv``'s dtype) and the keep-mask.
+    """
+    W = W.detach().to(Hinv.dtype, copy=True)  # (out, in), in the Hessian's precision (fp32 or fp64)
+    n_out, n_in = W.shape
+    if pattern.is_nm and blocksize % pattern.m:
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    if dead is not None:
+        W[:, dead] = 0
+    keep = torch.ones_like(W, dtype=torch.bool)  # (out, in)
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        Err1 = torch.zeros_like(W1)  # (out, b)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
+        d = Hinv1.diagonal()  # (b,)
+        if not pattern.is_nm:
+            saliency = (W1**2 / d**2).reshape(1, -1)  # (1, out*b)
+            keep[:, i1:i2] = masks.prune_lowest(saliency, masks.n_pruned(saliency.numel(), pattern.sparsity)).reshape(W1.shape)
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                saliency = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m] ** 2  # (out, m)
+                keep[:, i1 + i : i1 + i + pattern.m] = masks.prune_lowest(saliency, pattern.m - pattern.n)
+            w = W1[:, i]  # (out,)
+            q = w * keep[:, i1 + i]
+            err = (w - q) / d[i]  # (out,)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+    return Result(W=W, mask=keep)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from compress import models
+from compress.calibration.stats import Gram
+from compress.config import Pattern, PruneConfig
+from compress.pipeline import check, compress_sequential
+from compress.prune import METHODS, InputStats
+from tests.conftest import FAMILIES, VOCAB, build
+
+
+def _tokens(n=6, seqlen=24, seed=0):
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _target_linears(model):
+    prefix, blocks = models.decoder_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in models.linears(b).items()}
+
+
+def _reference_true_sequential(model, tokens, cfg):
+    """Slow, obviously correct: for each linear in execution order, run the WHOLE model on the calibration
+    tokens with everything before it already compressed, take its input, compress it."""
+    order = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append(n) if n not in order else None)
+               for n, m in _target_linears(model).items()]
+    with torch.no_grad():
+        model(input_ids=tokens[:1, :4], use_cache=False)
+    for h in handles:
+        h.remove()
+    linears = _target_linears(model)
+    for name in order:
+        seen = {}
+        h = linears[name].register_forward_pre_hook(lambda mod, a: seen.setdefault("x", a[0]))
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
+        h.remove()
+        gram = Gram(seen["x"].shape[-1])
+        gram.update(seen["x"])
+        W = models.weight_view(linears[name])
+        W.copy_(METHODS[cfg.method].apply(W.clone(), InputStats(gram.finalize()), cfg))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_driver_equals_pruning_each_layer_on_its_sequential_inputs(family, method):
+    tokens = _tokens()
+    cfg = PruneConfig(method, Pattern(0.5), blocksize=32)
+    ours, ref = build(family), build(family)
+    compress_sequential(ours, tokens, cfg)
+    _reference_true_sequential(ref, tokens, cfg)
+    for (name, a), (_, b) in zip(_target_linears(ours).items(), _target_linears(ref).items()):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_chunked_calibration_equals_one_pass(method):
+    tokens = _tokens(n=7)
+    cfg = PruneConfig(method, Pattern.parse(pattern="2:4"))
+    one, chunked = build("qwen2"), build("qwen2")
+    r1 = compress_sequential(one, tokens, cfg)
+    r2 = compress_sequential(chunked, tokens, cfg, chunk_samples=3)
+    for (name, a), (_, b) in zip(_target_linears(one).items(), _target_linears(chunked).items()):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
+    assert [r.rel_error for r in r1.layers] == pytest.approx([r.rel_error for r in r2.layers], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_gets_exact_nm_and_keeps_embeddings_dense_and_tied(family):
+    model = build(family)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    report = compress_sequential(model, _tokens(), PruneConfig("sparsegpt", Pattern.parse(pattern="2:4")))
+    linears = _target_linears(model)
+    assert len(report.layers) == len(linears) > 0
+    for name, lin in linears.items():
+        W = models.weight_view(lin)
+        assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all(), name
+    touched = {f"{n}.weight" for n in linears}
+    for name, p in model.named_parameters():
+        if name not in touched:
+            assert torch.equal(p, before[name]), f"{name} changed"
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert (emb.weight is head.weight) == bool(model.config.tie_word_embeddings)
+    assert all(0 < r.rel_error < 1 for r in report.layers)
+    assert all(r.sparsity == pytest.approx(0.5) for r in report.layers)
+
+
+def test_ignore_keeps_matching_linears_dense():
+    model = build("llama")
+    compress_sequential(model, _tokens(), PruneConfig("wanda", Pattern(0.5), ignore=(r"mlp\.down_proj",)))
+    for name, lin in _target_linears(model).items():
+        zeros = float((lin.weight == 0).float().mean())
+        assert zeros == (0.0 if "down_proj" in name else pytest.approx(0.5)), name
+
+
+def test_check_names_the_indivisible_linear():
+    model = build("llama")  # in_features 64 and 128: not divisible by 24
+    with pytest.raises(ValueError, match=r"divisible by 24, got 64 \(model.layers.0.self_attn.q_proj\)"):
+        check(model, PruneConfig("wanda", Pattern.parse(pattern="2:24")))
