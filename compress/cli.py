@@ -100,9 +100,11 @@ def prune(
              model, time.perf_counter() - t0, calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.source, seed)
 
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     n_blocks = len(models.decoder_blocks(lm)[1])
-    with tqdm(total=n_blocks, desc=f"{method} {cfg.pattern}", unit="block", file=sys.stderr) as bar:
+    with tqdm(total=n_blocks, desc=f"{method} {cfg.pattern}", unit="block", file=sys.stderr) as bar, \
+            logging_redirect_tqdm():
         def on_block(block_report, _total):
             bar.set_postfix(err=f"{block_report.mean_error:.4f}")
             bar.update()

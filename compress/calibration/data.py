@@ -83,7 +83,7 @@ def _read_hub_text(alias: str, split: str) -> str:
     try:
         import datasets
     except ImportError as err:
-        raise CalibrationError(f"--calib {alias} needs the `datasets` package: pip install datasets, or pass a .txt file") from err
+        raise CalibrationError(f"{alias} needs the `datasets` package: pip install datasets, or pass a .txt file") from err
     name, config = HUB_DATASETS[alias]
     try:
         rows = datasets.load_dataset(name, config, split=split)

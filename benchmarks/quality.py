@@ -1,0 +1,141 @@
+"""Quality and cost of compress vs llm-compressor on SmolLM2-135M: perplexity, wall time, peak RSS.
+
+Protocol (issue 2): calibration 128 x 512 tokens from WikiText-2 valid.txt (seed 0); perplexity on test.txt,
+windows of 1024 tokens, first 50 windows, fp32. Both tools get the very same calibration token windows.
+Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
+venv), one at a time; wall time and peak RSS come from ``os.wait4`` on that process.
+
+    python benchmarks/quality.py --llmc-python /path/to/llmc-venv/bin/python --work bench-work --json quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+RUNS = [("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4"), ("sparsegpt", "0.5"), ("sparsegpt", "2:4")]
+PEER_METHODS = {"wanda", "sparsegpt"}  # llm-compressor's magnitude modifier is a no-op in oneshot
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` alone; return its wall seconds and peak RSS (MiB) from the kernel's accounting."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:3]} failed, see {log}")
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def slug(method: str, pattern: str) -> str:
+    return f"{method}-{pattern.replace(':', 'of')}"
+
+
+def prepare(work: Path, data: Path, nsamples: int, seqlen: int) -> tuple[str, Path, Path]:
+    """The GGUF path, a dense HF folder of it (for the peer), and the calibration tokens file."""
+    from compress import assets, models
+    from compress.calibration.data import calibration_batches
+    from compress.config import CalibConfig
+
+    gguf = str(assets.smollm2_gguf())
+    dense_dir, calib = work / "dense", work / f"calib_{nsamples}x{seqlen}.pt"
+    if not dense_dir.is_dir() or not calib.is_file():
+        model, tok = models.load(gguf)
+        if not dense_dir.is_dir():
+            model.save_pretrained(dense_dir)
+            tok.save_pretrained(dense_dir)
+        tokens, manifest = calibration_batches(tok, CalibConfig(str(data / "valid.txt"), nsamples, seqlen, 0))
+        torch.save(tokens, calib)
+        (work / "calib_manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2))
+    return gguf, dense_dir, calib
+
+
+def evaluate(folder: str, data: Path, seqlen: int, limit: int) -> float:
+    from compress import models
+    from compress.evals.perplexity import perplexity
+
+    model, tok = models.load(folder)
+    return perplexity(model, tok, str(data / "test.txt"), seqlen=seqlen, limit=limit).ppl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "results" / "quality")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--llmc-python", help="python of a venv with llmcompressor installed; omit to skip the peer")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--limit", type=int, default=50)
+    ap.add_argument("--only", nargs="*", help="method-pattern slugs to run, e.g. wanda-0.5 sparsegpt-2of4")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished outputs (their recorded timings) in --work")
+    ap.add_argument("--json", type=Path, help="write the results here (default: WORK/quality.json)")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    gguf, dense_dir, calib = prepare(args.work, args.data, args.nsamples, args.calib_seqlen)
+
+    results = {"dense": {"ppl": evaluate(str(dense_dir), args.data, args.eval_seqlen, args.limit)}}
+    print(f"dense ppl {results['dense']['ppl']:.2f}", flush=True)
+    compress_bin = str(Path(sys.executable).with_name("compress"))
+    for method, pattern in RUNS:
+        name = slug(method, pattern)
+        if args.only and name not in args.only:
+            continue
+        row = results[name] = {"method": method, "pattern": pattern}
+        flag = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
+        ours = args.work / f"compress-{name}"
+        if not (args.reuse and (ours / "timing.json").is_file()):
+            timing = timed([compress_bin, "prune", gguf, "--method", method, *flag, "--calib", str(args.data / "valid.txt"),
+                            "--nsamples", str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
+                            "--out", str(ours), "--overwrite"], args.work / f"compress-{name}.log")
+            (ours / "timing.json").write_text(json.dumps(timing))
+        row["compress"] = {**json.loads((ours / "timing.json").read_text()),
+                           "ppl": evaluate(str(ours), args.data, args.eval_seqlen, args.limit)}
+        peer = args.work / f"llmc-{name}"
+        if args.llmc_python and method in PEER_METHODS:
+            if not (args.reuse and (peer / "process_timing.json").is_file()):
+                timing = timed([args.llmc_python, str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
+                                str(calib), method, pattern, str(peer)], args.work / f"llmc-{name}.log")
+                (peer / "process_timing.json").write_text(json.dumps(timing))
+            row["llmcompressor"] = {**json.loads((peer / "process_timing.json").read_text()),
+                                    "oneshot_seconds": json.loads((peer / "timing.json").read_text())["oneshot_seconds"],
+                                    "ppl": evaluate(str(peer), args.data, args.eval_seqlen, args.limit)}
+        print(format_row(name, row), flush=True)
+    out = args.json or args.work / "quality.json"
+    out.write_text(json.dumps({"protocol": vars(args) | {"work": str(args.work), "data": str(args.data),
+                                                          "json": str(out)}, "results": results}, indent=2))
+    print_table(results)
+
+
+def format_row(name: str, row: dict) -> str:
+    ours, peer = row["compress"], row.get("llmcompressor")
+    cells = [f"{name:<16}", f"{ours['ppl']:>9.2f}", f"{ours['seconds']:>7.0f}s", f"{ours['peak_rss_mib']:>7.0f}M"]
+    if peer:
+        cells += [f"{peer['ppl']:>9.2f}", f"{peer['seconds']:>7.0f}s", f"{peer['peak_rss_mib']:>7.0f}M",
+                  f"{ours['ppl'] / peer['ppl']:>8.3f}", f"{ours['seconds'] / peer['seconds']:>7.2f}",
+                  f"{ours['peak_rss_mib'] / peer['peak_rss_mib']:>6.2f}"]
+    return " ".join(cells)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'run':<16} {'ppl':>9} {'time':>8} {'rss':>8} {'llmc ppl':>9} {'time':>8} {'rss':>8} "
+          f"{'ppl x':>8} {'time x':>7} {'rss x':>6}")
+    print(f"{'dense':<16} {results['dense']['ppl']:>9.2f}")
+    for name, row in results.items():
+        if name != "dense":
+            print(format_row(name, row))
+
+
+if __name__ == "__main__":
+    main()
