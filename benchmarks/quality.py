@@ -2,7 +2,7 @@
 
 Protocol (issue 2): calibration 128 x 512 tokens from WikiText-2 valid.txt (seed 0); perplexity on test.txt,
 windows of 1024 tokens, first 50 windows, fp32. Both tools get the very same calibration token windows.
-Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
+Both tools prune the same dense fp32 safetensors folder (the GGUF dequantized once). Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
 venv), one at a time; wall time and peak RSS come from ``os.wait4`` on that process.
 
     python benchmarks/quality.py --llmc-python /path/to/llmc-venv/bin/python --work bench-work --json quality.json
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/quality.json)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    gguf, dense_dir, calib = prepare(args.work, args.data, args.nsamples, args.calib_seqlen)
+    _, dense_dir, calib = prepare(args.work, args.data, args.nsamples, args.calib_seqlen)
 
     results = {"dense": {"ppl": evaluate(str(dense_dir), args.data, args.eval_seqlen, args.limit)}}
     print(f"dense ppl {results['dense']['ppl']:.2f}", flush=True)
@@ -96,7 +96,7 @@ def main() -> None:
         flag = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
         ours = args.work / f"compress-{name}"
         if not (args.reuse and (ours / "timing.json").is_file()):
-            timing = timed([compress_bin, "prune", gguf, "--method", method, *flag, "--calib", str(args.data / "valid.txt"),
+            timing = timed([compress_bin, "prune", str(dense_dir), "--method", method, *flag, "--calib", str(args.data / "valid.txt"),
                             "--nsamples", str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
                             "--out", str(ours), "--overwrite"], args.work / f"compress-{name}.log")
             (ours / "timing.json").write_text(json.dumps(timing))

@@ -65,7 +65,8 @@ def prune(
     dampening: Annotated[float, typer.Option(help="SparseGPT: fraction of the mean Hessian diagonal added to it.")] = 0.01,
     device: Annotated[str, typer.Option(help="Where the work happens: auto | cpu | cuda[:N]. Weights rest on CPU.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (checkpoint's; float32 for .gguf) | float32 | bfloat16 | float16.")] = "auto",
-    chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward; 0 = all at once (one pass per block).")] = 0,
+    chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward chunk (0: default 8). Same result "
+                                               "for any value, one forward per block; smaller uses less memory.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder (only once the new one is complete).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -109,7 +110,8 @@ def prune(
             bar.set_postfix(err=f"{block_report.mean_error:.4f}")
             bar.update()
 
-        report = pipeline.compress_sequential(lm, tokens, cfg, dev, chunk_samples or None, on_block)
+        report = pipeline.compress_sequential(lm, tokens, cfg, device=dev, chunk_samples=chunk_samples or None,
+                                              on_block=on_block)
     metadata = {
         "source_model": model,
         "recipe": Recipe(prune=cfg, calib=calib_cfg).to_dict(),

@@ -1,17 +1,22 @@
 """The driver: compress a model's decoder blocks in order, each on the inputs its compressed predecessors give.
 
-For every block: the block's linears are grouped by the input they read (q/k/v share one, gate/up another),
-in execution order. The block runs forward on the calibration inputs with a pre-hook on each linear: when a
-group's input arrives, its Gram matrix is accumulated and, once every calibration chunk has contributed,
-the group is compressed in place *before* it computes. Later groups therefore see the outputs of already
-compressed ones, and the block's output is the compressed block's output. With all calibration samples in
-one chunk this is a single forward per block; with several chunks (memory) each group costs one partial
-forward per chunk and a final forward makes the outputs.
+Within a block, linears are grouped by the input they read (q/k/v share one, gate/up another), in execution
+order. Every group is compressed on statistics of its *current* input, i.e. with the groups before it
+already compressed, and before it computes; the block's output is the compressed block's output. That is
+done in ONE forward over the calibration set, split into chunks for memory and speed:
+
+    each chunk runs the block in its own worker thread, one worker at a time (a baton, no parallelism);
+    a worker reaching a group's first linear adds its input to the group's statistics and parks there;
+    once every chunk is parked at the group, the group is compressed and the workers resume in turn.
+
+So the cost is one forward per block whatever the number of chunks, and memory is one chunk's activations
+plus what each parked chunk holds at a group boundary.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -21,11 +26,13 @@ from torch import nn
 
 from compress import models
 from compress.calibration.capture import BlockInputs, capture_block_inputs
-from compress.calibration.stats import Gram, reconstruction_error
+from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import PruneConfig
 from compress.prune import InputStats, get
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SAMPLES = 8
 
 
 @dataclass
@@ -34,7 +41,8 @@ class LayerReport:
     shape: tuple[int, int]
     target_sparsity: float
     sparsity: float
-    rel_error: float
+    rel_error: float  # ‖WX − ŴX‖/‖WX‖ on `error_tokens` calibration tokens
+    error_tokens: int
     seconds: float
 
 
@@ -135,42 +143,108 @@ def input_groups(model: nn.Module, blocks: nn.ModuleList, ignore: tuple[str, ...
 
 
 class _Stop(Exception):
-    """Ends a partial forward once the group being collected has its input."""
+    """Unwinds a parked worker when the run is aborted."""
+
+
+_DONE = -1
 
 
 class _BlockCompressor:
-    """Compresses one block's linear groups from pre-hooks, in execution order (see module docstring)."""
+    """Compresses one block's linear groups in execution order during one chunked forward (module docstring)."""
 
-    def __init__(self, block: nn.Module, groups: list[list[str]], cfg: PruneConfig, n_chunks: int, block_name: str):
+    def __init__(self, block: nn.Module, groups: list[list[str]], cfg: PruneConfig, block_name: str, gram_stride: int):
         self.modules = models.linears(block)
         self.groups = groups
         self.group_of = {name: g for g, names in enumerate(groups) for name in names}
         self.cfg, self.method = cfg, get(cfg.method)
-        self.n_chunks, self.chunk, self.frontier = n_chunks, 0, 0
         self.block_name = block_name
-        self.grams: dict[int, Gram] = {}
-        self.collected: set[tuple[int, int]] = set()
+        self.gram_stride = 1 if self.method.needs_hessian else gram_stride
+        self.stats: dict[int, tuple[Gram, SquaredNorms]] = {}
+        self.compressed: set[int] = set()
         self.reports: list[LayerReport] = []
+        self._local = threading.local()
 
     def hook(self, name: str, _module: nn.Module, args: tuple) -> None:
+        """Pre-hook, run in a worker: feed the group's statistics once per chunk, then park until compressed."""
         g = self.group_of[name]
-        if g < self.frontier:
+        if g in self.compressed:
             return
-        if g > self.frontier:
+        x = args[0]
+        if g not in self.stats:
+            self.stats[g] = (Gram(x.shape[-1], stride=self.gram_stride), SquaredNorms(x.shape[-1]))
+        for acc in self.stats[g]:
+            acc.update(x)
+        self._park(g)
+
+    def _park(self, g: int) -> None:
+        c = self._local.chunk
+        self._at[c] = g
+        self._back.release()
+        self._go[c].acquire()
+        if self._abort:
             raise _Stop
-        if (g, self.chunk) not in self.collected:
-            x = args[0]
-            self.grams.setdefault(g, Gram(x.shape[-1])).update(x)
-            self.collected.add((g, self.chunk))
-        if self.chunk == self.n_chunks - 1:
-            self._compress_group(g)
-            self.frontier += 1
-        if self.n_chunks > 1:
-            raise _Stop
+
+    def _step(self, c: int) -> None:
+        """Let worker ``c`` run until it parks or ends; re-raise what it raised."""
+        self._go[c].release()
+        self._back.acquire()
+        if self._errors[c] is not None:
+            raise self._errors[c]
+
+    def run(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
+        """Compress every group; return the compressed block's outputs for each chunk."""
+        n = len(inputs)
+        self._go = [threading.Semaphore(0) for _ in range(n)]
+        self._back = threading.Semaphore(0)
+        self._at: list[int | None] = [None] * n
+        self._errors: list[BaseException | None] = [None] * n
+        self._abort = False
+        outputs: list[torch.Tensor | None] = [None] * n
+
+        def work(c: int) -> None:
+            self._go[c].acquire()
+            self._local.chunk = c
+            try:
+                if not self._abort:
+                    outputs[c] = _forward(block, inputs[c])
+            except _Stop:
+                pass
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread by _step
+                self._errors[c] = err
+            finally:
+                self._at[c] = _DONE
+                self._back.release()
+
+        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
+        workers = [threading.Thread(target=work, args=(c,), name=f"{self.block_name}-chunk{c}", daemon=True) for c in range(n)]
+        for worker in workers:
+            worker.start()
+        try:
+            for g, names in enumerate(self.groups):
+                for c in range(n):
+                    self._step(c)
+                    if self._at[c] != g:
+                        raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
+                self._compress_group(g)
+            for c in range(n):
+                self._step(c)
+        except BaseException:
+            self._abort = True
+            for c in range(n):
+                if self._at[c] != _DONE:
+                    self._go[c].release()
+            raise
+        finally:
+            for worker in workers:
+                worker.join()
+            for h in handles:
+                h.remove()
+        return outputs
 
     @torch.no_grad()
     def _compress_group(self, g: int) -> None:
-        stats = InputStats(self.grams.pop(g).finalize())
+        gram, norms = self.stats.pop(g)
+        stats = InputStats(gram.finalize(), norms.finalize())
         for name in self.groups[g]:
             start = time.perf_counter()
             W = models.weight_view(self.modules[name])  # (out, in), a view of the module's weight
@@ -183,31 +257,10 @@ class _BlockCompressor:
                 target_sparsity=self.cfg.pattern.sparsity,
                 sparsity=float((W_hat == 0).float().mean()),
                 rel_error=reconstruction_error(W32, W_hat, stats.G),
+                error_tokens=gram.tokens,
                 seconds=time.perf_counter() - start,
             ))
-
-    def run(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
-        """Compress every group; return the compressed block's outputs for each chunk."""
-        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
-        outputs: list[torch.Tensor | None] = [None] * len(inputs)
-        try:
-            while self.frontier < len(self.groups):
-                before = self.frontier
-                for c, inp in enumerate(inputs):
-                    self.chunk = c
-                    try:
-                        outputs[c] = _forward(block, inp)
-                    except _Stop:
-                        pass
-                if self.frontier == before:
-                    missing = self.groups[self.frontier]
-                    raise RuntimeError(f"{self.block_name}: linears {missing} were never called by the block's forward")
-        finally:
-            for h in handles:
-                h.remove()
-        if self.n_chunks > 1:
-            outputs = [_forward(block, inp) for inp in inputs]
-        return outputs
+        self.compressed.add(g)
 
 
 def _forward(block: nn.Module, inp: BlockInputs) -> torch.Tensor:
@@ -220,8 +273,10 @@ def compress_sequential(
     model: nn.Module,
     tokens: torch.Tensor,
     cfg: PruneConfig,
+    *,
     device: torch.device | str = "cpu",
     chunk_samples: int | None = None,
+    error_tokens: int = 8192,
     on_block: Callable[[BlockReport, int], None] | None = None,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.
@@ -230,7 +285,10 @@ def compress_sequential(
         model: a causal LM with weights on CPU; each block visits ``device`` while it is compressed.
         tokens: ``(nsamples, seqlen)`` calibration token ids.
         cfg: what to do to every linear not matched by ``cfg.ignore``.
-        chunk_samples: samples per forward; ``None`` puts them all in one forward (one pass per block).
+        chunk_samples: samples per forward chunk (default ``DEFAULT_CHUNK_SAMPLES``); any value gives the
+            same result and one forward per block; smaller chunks use less memory.
+        error_tokens: about how many calibration tokens measure the reconstruction error of methods that do
+            not need the full Gram matrix themselves (magnitude, Wanda); all tokens for SparseGPT.
         on_block: called after each block with its report and the number of blocks.
 
     Returns:
@@ -241,7 +299,8 @@ def compress_sequential(
     start = time.perf_counter()
     prefix, blocks = models.decoder_blocks(model)
     groups = input_groups(model, blocks, cfg.ignore, prefix)
-    chunks = tokens.split(chunk_samples or tokens.shape[0])
+    chunks = tokens.split(chunk_samples or DEFAULT_CHUNK_SAMPLES)
+    gram_stride = max(1, tokens.numel() // error_tokens)
     models.move_non_blocks_(model, prefix, device)
     try:
         inputs = [capture_block_inputs(model, blocks[0], chunk.to(device)) for chunk in chunks]
@@ -251,7 +310,7 @@ def compress_sequential(
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         block.to(device)
-        compressor = _BlockCompressor(block, groups[i], cfg, len(chunks), f"{prefix}.{i}")
+        compressor = _BlockCompressor(block, groups[i], cfg, f"{prefix}.{i}", gram_stride)
         outputs = compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")

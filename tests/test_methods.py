@@ -39,7 +39,7 @@ def test_reconstruction_error_from_gram_equals_direct():
 def test_wanda_score_is_weight_times_column_norm():
     W, X, stats = _layer()
     norms = X.pow(2).sum(0).sqrt()
-    s = wanda.score(W, stats.G)
+    s = wanda.score(W, stats.sq)
     torch.testing.assert_close(s / s.max(), (W.abs() * norms) / (W.abs() * norms).max(), rtol=1e-4, atol=1e-6)
 
 

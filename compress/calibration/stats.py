@@ -1,8 +1,10 @@
 """Statistics accumulators over calibration inputs: ``init``, ``update(x)``, ``finalize()``.
 
-Every compression method here is fed the same statistic, the input Gram matrix ``G = mean_t x_t x_tᵀ``
-(fp32): its diagonal is Wanda's squared column norm (up to the token count), it is SparseGPT's and GPTQ's
-Hessian (up to a factor 2), and it gives the exact reconstruction error ``‖ΔW X‖² = tr(ΔW G ΔWᵀ)·T``.
+Two statistics of a linear's input, both fp32 running means over tokens:
+- ``SquaredNorms``: ``mean_t x_t²`` per input channel, Wanda's (squared, scaled) column norm; cheap.
+- ``Gram``: ``G = mean_t x_t x_tᵀ``, SparseGPT's and GPTQ's Hessian (up to a factor 2), and the exact
+  reconstruction error ``‖ΔW X‖² = tr(ΔW G ΔWᵀ)·T``. Optionally over every ``stride``-th token only, when it
+  serves just to measure the error (it costs as much as the layer's own forward).
 """
 
 from __future__ import annotations
@@ -10,18 +12,40 @@ from __future__ import annotations
 import torch
 
 
-class Gram:
-    """Running mean of ``x xᵀ`` over tokens, in fp32 (or fp64 if asked), on ``x``'s device."""
+class SquaredNorms:
+    """Running mean of ``x²`` per input channel, fp32."""
 
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int):
+        self.in_features = in_features
+        self.tokens = 0
+        self._sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()  # (t, in)
+        sq = (x * x).sum(0)  # (in,)
+        self._sum = sq if self._sum is None else self._sum + sq
+        self.tokens += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """``(in,)`` mean of squares."""
+        if self._sum is None or self.tokens == 0:
+            raise RuntimeError("SquaredNorms.finalize() before any update()")
+        return self._sum / self.tokens
+
+
+class Gram:
+    """Running mean of ``x xᵀ`` over tokens (every ``stride``-th one), in fp32 or fp64, on ``x``'s device."""
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, stride: int = 1):
         self.in_features = in_features
         self.dtype = dtype
+        self.stride = stride
         self.tokens = 0
         self._sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, chunk: int = 16384) -> None:
         """Add tokens ``x`` of shape ``(..., in_features)``, ``chunk`` tokens at a time to bound temporaries."""
-        x = x.reshape(-1, self.in_features)
+        x = x.reshape(-1, self.in_features)[:: self.stride]
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
         for start in range(0, x.shape[0], chunk):

@@ -21,10 +21,13 @@ class InputStats:
     """Statistics of one linear's calibration inputs, shared by linears that read the same input (q/k/v).
 
     Attributes:
-        G: ``(in, in)`` mean Gram matrix of the inputs, fp32.
+        G: ``(in, in)`` mean Gram matrix of the inputs, fp32 (over a token subsample for methods that
+            need it only for the error report, see ``Method.needs_hessian``).
+        sq: ``(in,)`` mean squared input per channel over all tokens (defaults to ``G``'s diagonal).
     """
 
     G: torch.Tensor
+    sq: torch.Tensor | None = None
     _hinv: dict = field(default_factory=dict, repr=False)
 
     def hessian_inverse_factor(self, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +36,10 @@ class InputStats:
             self._hinv[dampening] = sparsegpt.inverse_hessian_factor(self.G, dampening)
         return self._hinv[dampening]
 
+    def __post_init__(self):
+        if self.sq is None:
+            self.sq = self.G.diagonal()
+
 
 @dataclass(frozen=True)
 class Method:
@@ -40,11 +47,12 @@ class Method:
     apply: Callable[[torch.Tensor, InputStats, PruneConfig], torch.Tensor]
     default_scope: str
     summary: str
+    needs_hessian: bool = False  # False: the Gram matrix only measures the error, a token subsample will do
 
 
 def _scorer(score_fn, default_scope: str):
     def apply(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> torch.Tensor:
-        keep = masks.select(score_fn(W, stats.G), cfg.pattern, cfg.scope or default_scope)
+        keep = masks.select(score_fn(W, stats.sq), cfg.pattern, cfg.scope or default_scope)
         return W * keep
 
     return apply
@@ -62,7 +70,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("magnitude", _scorer(magnitude.score, "matrix"), "matrix", "|W|, one ranking per matrix"),
         Method("wanda", _scorer(wanda.score, "row"), "row", "|W|·‖X_j‖₂, per output row (Sun et al. 2023)"),
-        Method("sparsegpt", _sparsegpt, "block", "OBS with weight update, 128-column blocks (Frantar & Alistarh 2023)"),
+        Method("sparsegpt", _sparsegpt, "block", "OBS with weight update, 128-column blocks (Frantar & Alistarh 2023)",
+               needs_hessian=True),
     )
 }
 

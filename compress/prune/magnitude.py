@@ -3,6 +3,6 @@
 import torch
 
 
-def score(W: torch.Tensor, G: torch.Tensor | None = None) -> torch.Tensor:
-    """``|W|`` ``(out, in)``; the calibration statistic ``G`` is not used."""
+def score(W: torch.Tensor, sq: torch.Tensor | None = None) -> torch.Tensor:
+    """``|W|`` ``(out, in)``; the calibration statistic is not used."""
     return W.abs()

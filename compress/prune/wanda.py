@@ -6,6 +6,7 @@ Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Mod
 import torch
 
 
-def score(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """``|W_ij| · ‖X_j‖₂`` ``(out, in)``, with ``‖X_j‖₂² ∝ G_jj`` (the scale does not change any ranking)."""
-    return W.abs() * G.diagonal().clamp_min(0).sqrt().to(W.dtype)  # (out, in) * (in,)
+def score(W: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| · ‖X_j‖₂`` ``(out, in)``, from ``sq`` ``(in,)`` the mean of ``x_j²`` over tokens
+    (``‖X_j‖₂² = T · sq_j``; the constant does not change any ranking)."""
+    return W.abs() * sq.clamp_min(0).sqrt().to(W.dtype)  # (out, in) * (in,)
