@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -124,15 +126,18 @@ def prune(
 
 
 def _print_prune_summary(report, out: Path) -> None:
-    layers = report.layers
-    worst = max(layers, key=lambda r: r.rel_error)
-    typer.echo(f"\n{'method':<22}{report.method} ({report.pattern})")
-    typer.echo(f"{'linears pruned':<22}{len(layers)}")
-    typer.echo(f"{'achieved sparsity':<22}{report.sparsity:.4f}")
-    typer.echo(f"{'mean rel. error':<22}{sum(r.rel_error for r in layers) / len(layers):.4f}")
-    typer.echo(f"{'worst rel. error':<22}{worst.rel_error:.4f} ({worst.name})")
-    typer.echo(f"{'seconds':<22}{report.seconds:.1f}")
-    typer.echo(f"{'output':<22}{out}")
+    """One row per kind of linear (q_proj, down_proj, ...) over all blocks, then the totals."""
+    kinds: dict[str, list] = {}
+    for layer in report.layers:
+        kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer.name), []).append(layer)
+    typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'rel.error':>11}{'worst':>9}{'seconds':>9}")
+    for kind, layers in [*kinds.items(), ("all", report.layers)]:
+        numel = sum(r.shape[0] * r.shape[1] for r in layers)
+        sparsity = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / numel
+        error = sum(r.rel_error for r in layers) / len(layers)
+        typer.echo(f"{kind:<24}{len(layers):>6}{sparsity:>10.4f}{error:>11.4f}{max(r.rel_error for r in layers):>9.4f}"
+                   f"{sum(r.seconds for r in layers):>9.1f}")
+    typer.echo(f"\n{report.method} {report.pattern}: {report.seconds:.1f} s in the pipeline; wrote {out}")
 
 
 @app.command("eval")
@@ -217,8 +222,24 @@ def info(
         typer.echo(f"recipe: {pruned['method']} {meta['report']['pattern']}, calibration {meta['calibration']}")
 
 
+def _return_freed_memory_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process.
+
+    glibc serves blocks below a *dynamic* threshold (it climbs to 32 MiB) from per-thread heaps and keeps
+    them when freed. The chunked block forward frees gigabytes of same-shaped activations per block, and
+    the heaps fragment: peak RSS on SmolLM2-135M was 4.4 GiB for a 1.55 GiB live set. A fixed threshold
+    hands such blocks back to the kernel when freed (costs page faults, about 20% of the forward's time).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            log.debug("not glibc: allocator left as it is")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _return_freed_memory_to_os()
     app()
 
 

@@ -276,7 +276,7 @@ def compress_sequential(
     *,
     device: torch.device | str = "cpu",
     chunk_samples: int | None = None,
-    error_tokens: int = 8192,
+    error_tokens: int = 4096,
     on_block: Callable[[BlockReport, int], None] | None = None,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.

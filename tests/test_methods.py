@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.calibration.stats import Gram, reconstruction_error
+from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Pattern, PruneConfig
 from compress.prune import METHODS, InputStats, masks, sparsegpt, wanda
 from tests.conftest import outlier_inputs
@@ -28,6 +28,21 @@ def test_gram_diagonal_is_naive_mean_sum_of_squares_and_chunking_is_exact():
     naive = torch.tensor([sum(float(x) ** 2 for x in X[:, j]) for j in range(24)]) / 1000
     torch.testing.assert_close(g.finalize().diagonal(), naive, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g.finalize(), X.T @ X / 1000, rtol=1e-4, atol=1e-4)
+
+
+def test_upper_triangle_gram_with_row_panels_equals_full_product():
+    from compress.calibration.stats import _add_upper_gram_
+
+    X = outlier_inputs(300, 50)
+    g = Gram(50)
+    g.update(X)  # narrow: one product
+    acc = torch.zeros(50, 50)
+    _add_upper_gram_(acc, X, min_split=8, parts=3)  # wide path on a small matrix
+    g._sum = acc
+    torch.testing.assert_close(g.finalize(), X.T @ X / 300, rtol=1e-4, atol=1e-4)
+    sq = SquaredNorms(50)
+    sq.update(X)
+    torch.testing.assert_close(sq.finalize(), g.finalize().diagonal(), rtol=1e-4, atol=1e-5)
 
 
 def test_reconstruction_error_from_gram_equals_direct():

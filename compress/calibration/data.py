@@ -20,7 +20,7 @@ import torch
 
 from compress.config import CalibConfig
 
-HUB_DATASETS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
+HUB_DATASETS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1")}
 
 
 class CalibrationError(ValueError):

@@ -21,8 +21,8 @@ class SquaredNorms:
         self._sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.in_features).float()  # (t, in)
-        sq = (x * x).sum(0)  # (in,)
+        x = x.reshape(-1, self.in_features)  # (t, in)
+        sq = torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square()  # (in,), no (t, in) temporary
         self._sum = sq if self._sum is None else self._sum + sq
         self.tokens += x.shape[0]
 
@@ -49,15 +49,32 @@ class Gram:
         if self._sum is None:
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=self.dtype, device=x.device)
         for start in range(0, x.shape[0], chunk):
-            xc = x[start : start + chunk].to(self.dtype)  # (t, in)
-            self._sum.addmm_(xc.t(), xc)
+            _add_upper_gram_(self._sum, x[start : start + chunk].to(self.dtype))
         self.tokens += x.shape[0]
 
     def finalize(self) -> torch.Tensor:
         """The mean Gram matrix ``(in, in)``."""
         if self._sum is None or self.tokens == 0:
             raise RuntimeError("Gram.finalize() before any update()")
-        return self._sum / self.tokens
+        upper = torch.triu(self._sum)
+        return (upper + torch.triu(self._sum, diagonal=1).t()) / self.tokens
+
+
+def _add_upper_gram_(acc: torch.Tensor, x: torch.Tensor, min_split: int = 1024, parts: int = 4) -> None:
+    """``acc += xᵀx`` on and above the diagonal only (``finalize`` mirrors it): for wide inputs the row
+    panels ``acc[i:i+b, i:]`` skip the blocks below the diagonal, about 40% of the multiply-adds.
+
+    Args:
+        acc: ``(in, in)`` accumulator; its strictly-lower part is left undefined.
+        x: ``(t, in)`` tokens.
+    """
+    n = x.shape[1]
+    if n < min_split:
+        acc.addmm_(x.t(), x)
+        return
+    b = -(-n // parts)
+    for i in range(0, n, b):
+        acc[i : i + b, i:].addmm_(x[:, i : i + b].t(), x[:, i:])  # (b, t) @ (t, n - i)
 
 
 def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float:
