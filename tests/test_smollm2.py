@@ -12,10 +12,10 @@ from tests.conftest import WIKITEXT
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (WIKITEXT / "test.txt").is_file(), reason="no WikiText-2 copy")]
 
-# Recorded on 2026-11-22 (2-core Xeon, fp32), 32 x 512 calibration tokens, 8 windows of 1024 test tokens:
-# dense 19.93, Wanda 50% 34.43 (ratio 1.73), SparseGPT 50% 26.83 (ratio 1.35). The bounds leave ~10% headroom.
-WANDA50_MAX_RATIO = 1.9
-SPARSEGPT50_MAX_RATIO = 1.5
+# Recorded on 2026-11-22 (2-core Xeon, fp32), 32 x 512 calibration tokens, first 8 windows of 1024 test tokens:
+# dense 23.61, Wanda 50% 43.30 (ratio 1.83), SparseGPT 50% 36.54 (ratio 1.55). The bounds leave ~10% headroom.
+WANDA50_MAX_RATIO = 2.0
+SPARSEGPT50_MAX_RATIO = 1.7
 
 
 @pytest.fixture(scope="module")
