@@ -81,7 +81,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="method-pattern slugs to run, e.g. wanda-0.5 sparsegpt-2of4")
     ap.add_argument("--reuse", action="store_true", help="reuse finished outputs (their recorded timings) in --work")
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/quality.json)")
+    ap.add_argument("--markdown", type=Path, metavar="JSON", help="only print a markdown table of a results JSON")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())["results"]))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     _, dense_dir, calib = prepare(args.work, args.data, args.nsamples, args.calib_seqlen)
 
@@ -135,6 +139,25 @@ def print_table(results: dict) -> None:
     for name, row in results.items():
         if name != "dense":
             print(format_row(name, row))
+
+
+def markdown(results: dict) -> str:
+    lines = ["| run | compress ppl | llm-compressor ppl | ppl ratio | compress s | llm-compressor s | time ratio "
+             "| compress RSS MiB | llm-compressor RSS MiB | RSS ratio |", "|" + "---|" * 10,
+             f"| dense | {results['dense']['ppl']:.2f} | | | | | | | | |"]
+    for name, row in results.items():
+        if name == "dense":
+            continue
+        ours, peer = row["compress"], row.get("llmcompressor")
+        if peer:
+            lines.append(f"| {name} | {ours['ppl']:.2f} | {peer['ppl']:.2f} | {ours['ppl'] / peer['ppl']:.3f} "
+                         f"| {ours['seconds']:.0f} | {peer['seconds']:.0f} | {ours['seconds'] / peer['seconds']:.2f} "
+                         f"| {ours['peak_rss_mib']:.0f} | {peer['peak_rss_mib']:.0f} "
+                         f"| {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f} |")
+        else:
+            lines.append(f"| {name} | {ours['ppl']:.2f} | (no-op in oneshot) | | {ours['seconds']:.0f} | | "
+                         f"| {ours['peak_rss_mib']:.0f} | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
