@@ -20,11 +20,6 @@ class BlockInputs:
     args: tuple
     kwargs: dict
 
-    def to(self, device: torch.device) -> "BlockInputs":
-        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        kwargs = {k: (tuple(move(t) for t in v) if isinstance(v, tuple) else move(v)) for k, v in self.kwargs.items()}
-        return BlockInputs(move(self.hidden), tuple(move(a) for a in self.args), kwargs)
-
 
 class _Captured(Exception):
     pass
