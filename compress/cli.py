@@ -74,7 +74,7 @@ def prune(
 ) -> None:
     """Prune MODEL's decoder linears block by block on calibration text and save the result to --out."""
     from compress import export, models, pipeline
-    from compress.calibration.data import CalibrationError, calibration_batches
+    from compress.calibration.data import calibration_batches, check_source
     from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
 
     _setup_logging(verbose)
@@ -85,8 +85,7 @@ def prune(
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
         calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-        if calib not in ("wikitext2",) and not Path(calib).is_file():
-            raise CalibrationError(f"--calib {calib!r} is neither wikitext2 nor a file: pass a .txt or .jsonl path")
+        check_source(calib)
         export.check_output(out, overwrite)
         dev = models.resolve_device(device)
         t0 = time.perf_counter()

@@ -112,7 +112,7 @@ def input_groups(model: nn.Module, blocks: nn.ModuleList, ignore: tuple[str, ...
     Found by one tiny forward (8 tokens) with hooks that note which tensor object each linear reads.
     """
     seen: dict[int, list[tuple[int, str, int]]] = {}  # block -> [(call order, name, id(input))]
-    keep_alive = []
+    keep_alive = []  # holds the probed inputs so no id() is reused by a freed tensor mid-probe
     handles = []
     for b, block in enumerate(blocks):
         seen[b] = []

@@ -101,7 +101,7 @@ def existing_out(tmp_path):
     (["--pattern", "3:7"], "3:7 needs in_features divisible by 7, got 64"),
     (["--sparsity", "0.5", "--method", "obs"], "--method 'obs' is not one of magnitude, wanda, sparsegpt"),
     (["--sparsity", "0.5", "--nsamples", "100000"], "fewer than --nsamples 100000"),
-    (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "--calib '/nonexistent/calib.txt'"),
+    (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "source '/nonexistent/calib.txt' is neither a file"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(extra, message, saved_model, calib_txt, tmp_path):
     out = tmp_path / "out"

@@ -40,6 +40,15 @@ class CalibManifest:
         return asdict(self)
 
 
+def check_source(source: str) -> None:
+    """Fail fast (before loading any model) on a source that is neither a hub alias nor a file."""
+    if source not in HUB_DATASETS and not Path(source).is_file():
+        raise CalibrationError(
+            f"calibration/evaluation source {source!r} is neither a file nor one of {sorted(HUB_DATASETS)}: "
+            "pass a .txt or .jsonl path"
+        )
+
+
 def read_text(source: str, split: str = "train") -> str:
     """Return the calibration or evaluation text named by ``source`` (a hub alias or a file path).
 
@@ -48,12 +57,8 @@ def read_text(source: str, split: str = "train") -> str:
     """
     if source in HUB_DATASETS:
         return _read_hub_text(source, split)
+    check_source(source)
     path = Path(source)
-    if not path.is_file():
-        raise CalibrationError(
-            f"calibration/evaluation source {source!r} is neither a file nor one of {sorted(HUB_DATASETS)}: "
-            "pass a .txt or .jsonl path"
-        )
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
