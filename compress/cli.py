@@ -53,18 +53,30 @@ def _write_json(path: Path, data: dict) -> None:
 def prune(
     model: Annotated[str, typer.Argument(help="Hub id, local model folder, or .gguf file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (refused if it exists, unless --overwrite).")],
-    method: Annotated[str, typer.Option(help=f"Pruning method. {METHOD_HELP}.")] = "wanda",
+    method: Annotated[Optional[str], typer.Option(help=f"Pruning method (default wanda when --sparsity/--pattern is "
+                                                  f"given). {METHOD_HELP}.")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of zeros in (0, 1).")] = None,
-    pattern: Annotated[Optional[str], typer.Option(help="N:M semi-structured, e.g. 2:4 or 4:8 (instead of --sparsity).")] = None,
+    pattern: Annotated[Optional[str], typer.Option(help="N:M semi-structured, e.g. 2:4 or 4:8 (instead of --sparsity); "
+                                                   "or gG with --sparsity: prune whole runs of G inputs of a row (GQSA).")] = None,
     scope: Annotated[Optional[str], typer.Option(help="Comparison group for unstructured masks: row | matrix | block "
                                                  "(default: the method's paper: magnitude matrix, wanda row, sparsegpt block).")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="Quantize weights: wBgG (B bits 2..8, groups of G inputs, e.g. "
+                                                 "w4g128) or wB (one scale per output channel).")] = None,
+    quant_sym: Annotated[bool, typer.Option("--quant-sym/--quant-asym", help="Symmetric grid (zero point 0) or "
+                                            "asymmetric (a zero point per group).")] = True,
+    quant_method: Annotated[str, typer.Option(help="rtn (round to nearest) | gptq (error-compensating, uses the "
+                                              "calibration Hessian; joint with --method sparsegpt).")] = "gptq",
+    quant_actorder: Annotated[bool, typer.Option("--quant-actorder/--no-quant-actorder", help="GPTQ: visit columns "
+                                                 "by decreasing input energy (scales stay the static groups').")] = True,
+    fmt: Annotated[str, typer.Option("--format", help="Output: dense (plain transformers safetensors) | "
+                                     "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed.")] = "dense",
     calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), or a .txt / .jsonl path.")] = "wikitext2",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window (capped by the model's context).")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
-    ignore: Annotated[Optional[list[str]], typer.Option(help="Regex of linear names to keep dense (repeatable).")] = None,
-    blocksize: Annotated[int, typer.Option(help="SparseGPT: columns per lazy-update block.")] = 128,
-    dampening: Annotated[float, typer.Option(help="SparseGPT: fraction of the mean Hessian diagonal added to it.")] = 0.01,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Regex of linear names to leave as they are (repeatable).")] = None,
+    blocksize: Annotated[int, typer.Option(help="SparseGPT/GPTQ: columns per lazy-update block.")] = 128,
+    dampening: Annotated[float, typer.Option(help="SparseGPT/GPTQ: fraction of the mean Hessian diagonal added to it.")] = 0.01,
     device: Annotated[str, typer.Option(help="Where the work happens: auto | cpu | cuda[:N]. Weights rest on CPU.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (checkpoint's; float32 for .gguf) | float32 | bfloat16 | float16.")] = "auto",
     chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward chunk (0: default 8). Same result "
@@ -72,29 +84,44 @@ def prune(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder (only once the new one is complete).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Prune MODEL's decoder linears block by block on calibration text and save the result to --out."""
+    """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
     from compress import export, models, pipeline
     from compress.calibration.data import calibration_batches, check_source
-    from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
+    from compress.config import CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
     _setup_logging(verbose)
     try:
-        prune_methods.get(method)
-        cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
-                          blocksize=blocksize, dampening=dampening, ignore=tuple(ignore or ()))
+        prune_cfg = None
+        if method is not None or sparsity is not None or pattern is not None:
+            method = method or "wanda"
+            prune_methods.get(method)
+            prune_cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
+                                    blocksize=blocksize, dampening=dampening)
+        quant_cfg = None
+        if quant is not None:
+            quant_cfg = QuantConfig.parse(quant, symmetric=quant_sym, method=quant_method, actorder=quant_actorder,
+                                          dampening=dampening, blocksize=blocksize)
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
         calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg)
+        export.check_format(fmt, recipe)
         check_source(calib)
         export.check_output(out, overwrite)
         dev = models.resolve_device(device)
         t0 = time.perf_counter()
         lm, tokenizer = models.load(model, dtype)
-        pipeline.check(lm, cfg)
+        pipeline.check(lm, recipe)
+        if fmt == "compressed-tensors":
+            export.check_format(fmt, recipe, lm)
+            if split := pipeline.split_groups(lm, recipe.ignore):
+                raise ValueError(f"--ignore splits {', '.join(split[0])}, which read one input and are fused by "
+                                 f"vLLM: ignore all of them or none")
         max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
         if seqlen > max_ctx:
             log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
             calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
+            recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg)
         tokens, manifest = calibration_batches(tokenizer, calib_cfg)
     except ValueError as err:
         _fail(str(err))
@@ -105,38 +132,46 @@ def prune(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     n_blocks = len(models.decoder_blocks(lm)[1])
-    with tqdm(total=n_blocks, desc=f"{method} {cfg.pattern}", unit="block", file=sys.stderr) as bar, \
-            logging_redirect_tqdm():
+    with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
         def on_block(block_report, _total):
             bar.set_postfix(err=f"{block_report.mean_error:.4f}")
             bar.update()
 
-        report = pipeline.compress_sequential(lm, tokens, cfg, device=dev, chunk_samples=chunk_samples or None,
+        report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
                                               on_block=on_block)
     metadata = {
         "source_model": model,
-        "recipe": Recipe(prune=cfg, calib=calib_cfg).to_dict(),
+        "recipe": recipe.to_dict(),
+        "format": fmt,
         "calibration": manifest.to_dict(),
         "device": str(dev),
+        "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype),
         "report": report.to_dict(),
     }
-    export.save_dense(lm, tokenizer, out, metadata, overwrite)
-    _print_prune_summary(report, out)
+    if fmt == "compressed-tensors":
+        export.save_compressed_tensors(lm, tokenizer, out, metadata, report.quantized, recipe, overwrite)
+    else:
+        export.save_dense(lm, tokenizer, out, metadata, overwrite)
+    _print_prune_summary(report, out, metadata["storage"])
 
 
-def _print_prune_summary(report, out: Path) -> None:
+def _print_prune_summary(report, out: Path, storage: dict) -> None:
     """One row per kind of linear (q_proj, down_proj, ...) over all blocks, then the totals."""
     kinds: dict[str, list] = {}
     for layer in report.layers:
         kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer.name), []).append(layer)
-    typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'rel.error':>11}{'worst':>9}{'seconds':>9}")
+    typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'bits':>6}{'rel.error':>11}{'worst':>9}{'seconds':>9}")
     for kind, layers in [*kinds.items(), ("all", report.layers)]:
         numel = sum(r.shape[0] * r.shape[1] for r in layers)
         sparsity = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / numel
         error = sum(r.rel_error for r in layers) / len(layers)
-        typer.echo(f"{kind:<24}{len(layers):>6}{sparsity:>10.4f}{error:>11.4f}{max(r.rel_error for r in layers):>9.4f}"
-                   f"{sum(r.seconds for r in layers):>9.1f}")
-    typer.echo(f"\n{report.method} {report.pattern}: {report.seconds:.1f} s in the pipeline; wrote {out}")
+        bits = {r.bits for r in layers}
+        bits_text = "-" if bits == {None} else "/".join(str(b) for b in sorted(b for b in bits if b))
+        typer.echo(f"{kind:<24}{len(layers):>6}{sparsity:>10.4f}{bits_text:>6}{error:>11.4f}"
+                   f"{max(r.rel_error for r in layers):>9.4f}{sum(r.seconds for r in layers):>9.1f}")
+    typer.echo(f"\ncompressed linears: {storage['linears_stored'] / 2**20:.1f} MiB stored vs "
+               f"{storage['linears_dense'] / 2**20:.1f} MiB dense ({storage['format']})")
+    typer.echo(f"{report.recipe}: {report.seconds:.1f} s in the pipeline; wrote {out}")
 
 
 @app.command("eval")
@@ -189,36 +224,40 @@ def info(
     folder: Annotated[Path, typer.Argument(help="A folder written by compress prune (or any safetensors model).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Per-layer sparsity, read from the weights themselves, and totals."""
+    """Per-layer sparsity, bits, group size and bytes, read from the stored weights themselves, and totals."""
     from compress import export
 
     if not folder.is_dir():
         _fail(f"{str(folder)!r} is not a folder: pass an output folder of compress prune")
     try:
-        rows = export.sparsity_table(folder)
+        rows = export.layer_table(folder)
     except ValueError as err:
         _fail(str(err))
-    linear_rows = [r for r in rows if r["in_block"]]
     numel = lambda r: r["shape"][0] * r["shape"][1]  # noqa: E731
+    linear_rows = [r for r in rows if r["in_block"]]
     total = sum(numel(r) for r in linear_rows) or 1
-    zeros = sum(r["sparsity"] * numel(r) for r in linear_rows)
     all_total = sum(numel(r) for r in rows) or 1
-    all_zeros = sum(r["sparsity"] * numel(r) for r in rows)
     meta = export.read_metadata(folder)
-    summary = {"block_linears_sparsity": zeros / total, "all_weights_sparsity": all_zeros / all_total,
+    summary = {"block_linears_sparsity": sum(r["sparsity"] * numel(r) for r in linear_rows) / total,
+               "all_weights_sparsity": sum(r["sparsity"] * numel(r) for r in rows) / all_total,
+               "block_linears_bytes": sum(r["bytes"] for r in linear_rows),
+               "block_linears_bits_per_weight": 8 * sum(r["bytes"] for r in linear_rows) / total,
                "recipe": meta.get("recipe") if meta else None}
     if as_json:
         typer.echo(json.dumps({"layers": rows, **summary}, indent=2))
         return
     width = max(len(r["name"]) for r in rows)
-    typer.echo(f"{'tensor':<{width}}  {'shape':>14}  {'sparsity':>8}  {'N:M':>4}")
+    typer.echo(f"{'tensor':<{width}}  {'shape':>14}  {'sparsity':>8}  {'N:M':>4}  {'bits':>4}  {'group':>5}  {'bytes':>10}")
     for r in rows:
-        typer.echo(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['sparsity']:>8.4f}  {r['nm']:>4}")
-    typer.echo(f"\ndecoder linears: {summary['block_linears_sparsity']:.4f} zeros; all 2-D weights: "
-               f"{summary['all_weights_sparsity']:.4f} zeros")
+        typer.echo(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['sparsity']:>8.4f}  {r['nm']:>4}  "
+                   f"{r['bits']:>4}  {r['group_size'] or '-':>5}  {r['bytes']:>10}")
+    typer.echo(f"\ndecoder linears: {summary['block_linears_sparsity']:.4f} zeros, "
+               f"{summary['block_linears_bytes'] / 2**20:.2f} MiB on disk "
+               f"({summary['block_linears_bits_per_weight']:.2f} bits per weight); "
+               f"all 2-D weights: {summary['all_weights_sparsity']:.4f} zeros")
     if meta:
-        pruned = meta["recipe"]["prune"]
-        typer.echo(f"recipe: {pruned['method']} {meta['report']['pattern']}, calibration {meta['calibration']}")
+        typer.echo(f"recipe: {meta['report'].get('recipe')}, format {meta.get('format', 'dense')}, "
+                   f"calibration {meta['calibration']}")
 
 
 def _return_freed_memory_to_os() -> None:

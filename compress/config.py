@@ -6,30 +6,42 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+_GROUP = re.compile(r"^g(\d+)$")
+_QUANT = re.compile(r"^w(\d+)(?:g(\d+))?$")
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """Which weights may be zero: a fraction of each comparison group (``n == m == 0``) or N:M.
+    """Which weights may be zero: a fraction of each comparison group, N:M, or whole groups of a row.
 
-    N:M means at most ``n`` non-zeros in every ``m`` consecutive weights along the input dimension of each
-    output row (NVIDIA's convention); its sparsity is ``1 - n/m``.
+    - unstructured (``n == m == group == 0``): ``sparsity`` of the weights of each comparison group.
+    - N:M: at most ``n`` non-zeros in every ``m`` consecutive weights along the input dimension of each
+      output row (NVIDIA's convention); its sparsity is ``1 - n/m``.
+    - ``group`` > 0 (GQSA-style): runs of ``group`` consecutive input weights of a row are kept or pruned
+      together, ``sparsity`` of the runs go, ranked by the method's score summed over the run.
     """
 
     sparsity: float
     n: int = 0
     m: int = 0
+    group: int = 0
 
     @classmethod
     def parse(cls, sparsity: float | None = None, pattern: str | None = None) -> "Pattern":
-        """Build from the CLI's ``--sparsity`` / ``--pattern`` (exactly one of them)."""
+        """Build from the CLI's ``--sparsity`` / ``--pattern``: ``--sparsity s``, ``--pattern N:M``, or
+        ``--pattern gG --sparsity s``."""
+        if pattern is not None and (match := _GROUP.match(pattern.strip())):
+            if sparsity is None:
+                raise ValueError(f"--pattern {pattern} prunes whole groups: also give --sparsity, e.g. 0.5")
+            return cls(sparsity=float(sparsity), group=int(match[1]))
         if (sparsity is None) == (pattern is None):
-            raise ValueError("give exactly one of --sparsity (e.g. 0.5) or --pattern (e.g. 2:4)")
+            raise ValueError("give exactly one of --sparsity (e.g. 0.5) or --pattern (e.g. 2:4), or both for "
+                             "group sparsity (--pattern g16 --sparsity 0.5)")
         if pattern is None:
             return cls(sparsity=float(sparsity))
         match = _NM.match(pattern.strip())
         if not match:
-            raise ValueError(f"--pattern {pattern!r} is not N:M: write it like 2:4 or 4:8")
+            raise ValueError(f"--pattern {pattern!r} is neither N:M nor gG: write it like 2:4, 4:8 or g16")
         n, m = int(match[1]), int(match[2])
         return cls(sparsity=1 - n / m if m else 0.0, n=n, m=m)
 
@@ -37,15 +49,27 @@ class Pattern:
         if self.m or self.n:
             if not 0 < self.n < self.m:
                 raise ValueError(f"--pattern {self.n}:{self.m} needs 0 < N < M: try 2:4 or 4:8")
-        elif not 0 < self.sparsity < 1:
+            return
+        if self.group < 0 or self.group == 1:
+            raise ValueError(f"--pattern g{self.group} needs a group of at least 2 weights: try g16")
+        if not 0 < self.sparsity < 1:
             raise ValueError(f"--sparsity {self.sparsity} is outside (0, 1): pass the fraction of zeros, e.g. 0.5")
 
     @property
     def is_nm(self) -> bool:
         return self.m > 0
 
+    @property
+    def unit(self) -> int:
+        """Columns that are decided together: ``m`` for N:M, ``group`` for group sparsity, else 1."""
+        return self.m or self.group or 1
+
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%} unstructured"
+        if self.is_nm:
+            return f"{self.n}:{self.m}"
+        if self.group:
+            return f"{self.sparsity:.0%} in groups of {self.group}"
+        return f"{self.sparsity:.0%} unstructured"
 
 
 @dataclass(frozen=True)
@@ -78,7 +102,6 @@ class PruneConfig:
             (magnitude: matrix, Wanda: row, SparseGPT: block of ``blocksize`` columns).
         blocksize: SparseGPT's lazy-update block width (columns).
         dampening: fraction of the mean Hessian diagonal added to it (SparseGPT).
-        ignore: regular expressions; a linear whose full name matches one (``re.search``) stays dense.
     """
 
     method: str
@@ -86,7 +109,6 @@ class PruneConfig:
     scope: str | None = None
     blocksize: int = 128
     dampening: float = 0.01
-    ignore: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.scope is not None and self.scope not in SCOPES:
@@ -95,17 +117,81 @@ class PruneConfig:
             raise ValueError(f"--blocksize {self.blocksize} must be at least 1")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
+
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Integer weight quantization with one scale (and zero point) per ``group_size`` input weights of a row.
+
+    Attributes:
+        bits: 2..8.
+        group_size: input weights sharing a scale; 0 means one per output channel (``--quant w4``).
+        symmetric: zero point fixed at 0 (codes in ``[-2^(b-1), 2^(b-1) - 1]``); else a per-group zero point.
+        method: ``rtn`` (round to nearest) or ``gptq`` (OBS error compensation with the shared Hessian).
+        actorder: GPTQ visits columns by decreasing Hessian diagonal; scales stay those of the static
+            groups (computed up front), so the stored layout is unchanged.
+        dampening, blocksize: GPTQ's, as SparseGPT's.
+    """
+
+    bits: int
+    group_size: int = 0
+    symmetric: bool = True
+    method: str = "gptq"
+    actorder: bool = True
+    dampening: float = 0.01
+    blocksize: int = 128
+
+    @classmethod
+    def parse(cls, spec: str, **options) -> "QuantConfig":
+        """``w4g64`` -> 4 bits, groups of 64; ``w8`` -> 8 bits per output channel."""
+        match = _QUANT.match(spec.strip().lower())
+        if not match:
+            raise ValueError(f"--quant {spec!r} is not wBgG: write it like w4g64 (4 bits, groups of 64) or w8 (per channel)")
+        return cls(bits=int(match[1]), group_size=int(match[2] or 0), **options)
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"--quant w{self.bits}: bits must be in 2..8, e.g. w4g64")
+        if self.group_size < 0 or self.group_size == 1:
+            raise ValueError(f"--quant group size {self.group_size} must be at least 2 (or omitted for per-channel)")
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"--quant-method {self.method!r} is not one of {', '.join(QUANT_METHODS)}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
+
+    def __str__(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else " per-channel"
+        return f"{self.method} w{self.bits}{group} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything done to a model: pruning and/or quantization of every linear not matched by ``ignore``.
+
+    Attributes:
+        ignore: regular expressions; a linear whose full name matches one (``re.search``) is left as it is.
+    """
+
+    prune: PruneConfig | None = None
+    quant: QuantConfig | None = None
+    ignore: tuple[str, ...] = ()
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self):
+        if self.prune is None and self.quant is None:
+            raise ValueError("nothing to do: give --method with --sparsity/--pattern, or --quant (or both)")
         for expr in self.ignore:
             try:
                 re.compile(expr)
             except re.error as err:
                 raise ValueError(f"--ignore {expr!r} is not a regular expression ({err}): e.g. 'mlp\\.down_proj'") from err
 
-
-@dataclass(frozen=True)
-class Recipe:
-    prune: PruneConfig
-    calib: CalibConfig = field(default_factory=CalibConfig)
+    def __str__(self) -> str:
+        parts = [f"{self.prune.method} {self.prune.pattern}"] if self.prune else []
+        return " + ".join(parts + ([str(self.quant)] if self.quant else []))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,14 +200,20 @@ class Recipe:
     def from_dict(cls, data: dict) -> "Recipe":
         """Inverse of ``to_dict``; unknown keys are errors."""
         _check_keys(cls, data, "recipe")
-        prune = dict(data["prune"])
-        _check_keys(PruneConfig, prune, "recipe.prune")
-        pattern = prune.pop("pattern")
-        _check_keys(Pattern, pattern, "recipe.prune.pattern")
-        prune["ignore"] = tuple(prune.get("ignore", ()))
+        prune_cfg = None
+        if data.get("prune") is not None:
+            prune = dict(data["prune"])
+            _check_keys(PruneConfig, prune, "recipe.prune")
+            pattern = prune.pop("pattern")
+            _check_keys(Pattern, pattern, "recipe.prune.pattern")
+            prune_cfg = PruneConfig(pattern=Pattern(**pattern), **prune)
         calib = data.get("calib", {})
         _check_keys(CalibConfig, calib, "recipe.calib")
-        return cls(prune=PruneConfig(pattern=Pattern(**pattern), **prune), calib=CalibConfig(**calib))
+        quant = data.get("quant")
+        if quant is not None:
+            _check_keys(QuantConfig, quant, "recipe.quant")
+            quant = QuantConfig(**quant)
+        return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib))
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -73,36 +74,191 @@ def save_dense(model, tokenizer, out: Path, metadata: dict, overwrite: bool = Fa
     return Path(out)
 
 
+FORMATS = ("dense", "compressed-tensors", "packed")
+CT_GROUP_SIZES = (32, 64, 128)  # what vLLM's compressed-tensors W4A16/W8A16 kernels take (or per channel)
+CT_BITS = (4, 8)
+
+
+def check_format(fmt: str, recipe, model=None) -> None:
+    """Refuse, before any work, an output format that cannot hold ``recipe`` (a ``config.Recipe``).
+
+    Raises:
+        OutputError: naming the value and the fix.
+    """
+    if fmt not in FORMATS:
+        raise OutputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "packed":
+        raise OutputError("--format packed (the project's own kernels' layout) is not implemented yet: "
+                          "use --format dense or compressed-tensors")
+    if fmt != "compressed-tensors":
+        return
+    quant = recipe.quant
+    if quant is None:
+        raise OutputError("--format compressed-tensors stores quantized weights (vLLM dropped sparse formats): "
+                          "add --quant w4g128 (or w8), or use --format dense")
+    if quant.bits not in CT_BITS:
+        raise OutputError(f"--format compressed-tensors: vLLM loads 4 or 8-bit weights, not {quant.bits}: "
+                          f"use --quant w4g{quant.group_size or 128} or --format dense")
+    if quant.group_size and quant.group_size not in CT_GROUP_SIZES:
+        raise OutputError(f"--format compressed-tensors: vLLM takes group sizes {CT_GROUP_SIZES} or per channel, "
+                          f"not {quant.group_size}: use --quant w{quant.bits}g64, or --format dense")
+    if model is not None:
+        from compress import models
+
+        prefix, blocks = models.decoder_blocks(model)
+        for i, block in enumerate(blocks):
+            for name, module in models.linears(block).items():
+                full = f"{prefix}.{i}.{name}"
+                if not isinstance(module, torch.nn.Linear) and not models.is_ignored(full, recipe.ignore):
+                    raise OutputError(f"--format compressed-tensors needs nn.Linear layers; {full} is "
+                                      f"{type(module).__name__}: use --format dense")
+
+
+def storage_bytes(report, fmt: str, dtype: torch.dtype) -> dict:
+    """Bytes the compressed linears take in ``fmt`` vs the same linears dense in ``dtype`` (the model's)."""
+    size = torch.finfo(dtype).bits // 8
+    dense = stored = 0
+    for layer in report.layers:
+        n_out, n_in = layer.shape
+        dense += n_out * n_in * size
+        q = report.quantized.get(layer.name)
+        if fmt != "compressed-tensors" or q is None:
+            stored += n_out * n_in * size
+            continue
+        groups = n_in // q.group_size
+        stored += n_out * math.ceil(n_in * q.bits / 32) * 4 + n_out * groups * size + 2 * 8
+        if q.zero is not None:
+            stored += math.ceil(n_out * q.bits / 32) * groups * 4
+    return {"format": fmt, "linears_dense": dense, "linears_stored": stored, "ratio": stored / dense if dense else 1.0}
+
+
+def _weight_args(quant) -> dict:
+    """compressed-tensors' QuantizationArgs of a ``config.QuantConfig``."""
+    return {"num_bits": quant.bits, "type": "int", "symmetric": quant.symmetric,
+            "strategy": "group" if quant.group_size else "channel", "group_size": quant.group_size or None,
+            "dynamic": False, "actorder": "static" if quant.method == "gptq" and quant.actorder else None,
+            "block_structure": None,
+            "observer": "minmax", "observer_kwargs": {}}
+
+
+def save_compressed_tensors(model, tokenizer, out: Path, metadata: dict, quantized: dict, recipe,
+                            overwrite: bool = False) -> Path:
+    """Save in the compressed-tensors ``pack-quantized`` layout that vLLM and transformers load.
+
+    Every quantized linear ``name`` stores ``name.weight_packed`` (codes packed into int32 along the input
+    dimension), ``name.weight_scale`` ``(out, groups)`` in the model dtype, ``name.weight_shape`` and, when
+    asymmetric, ``name.weight_zero_point`` (packed along the output dimension). Pruned weights are zero
+    codes inside the packed weights; ``sparsity_config`` stays empty (vLLM dropped sparse formats).
+
+    Args:
+        quantized: ``pipeline.Report.quantized``, by full module name.
+        recipe: the ``config.Recipe`` (its quant config describes the scheme).
+    """
+    from compress.kernels.formats import pack_int32
+
+    quant = recipe.quant
+    dtype = next(model.parameters()).dtype
+    state = model.state_dict()
+    for name, q in quantized.items():
+        del state[f"{name}.weight"]
+        state[f"{name}.weight_packed"] = pack_int32(q.codes, q.bits)
+        state[f"{name}.weight_scale"] = q.scale.to(dtype)
+        state[f"{name}.weight_shape"] = torch.tensor(list(q.codes.shape))
+        if q.zero is not None:
+            state[f"{name}.weight_zero_point"] = pack_int32(q.zero.to(torch.int8), q.bits, dim=0)
+    unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    scheme = {"targets": ["Linear"], "format": "pack-quantized", "input_activations": None, "output_activations": None,
+              "weights": _weight_args(quant)}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+              "config_groups": {"group_0": scheme}, "ignore": unquantized, "kv_cache_scheme": None,
+              "global_compression_ratio": None, "sparsity_config": {}}
+    with atomic_folder(Path(out), overwrite) as tmp:
+        model.save_pretrained(tmp, state_dict=state)
+        cfg_path = tmp / "config.json"
+        model_config = json.loads(cfg_path.read_text())
+        model_config["quantization_config"] = config
+        cfg_path.write_text(json.dumps(model_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / METADATA).write_text(json.dumps({**metadata, "versions": versions()}, indent=2) + "\n")
+    log.info("wrote %s (compressed-tensors, pack-quantized)", out)
+    return Path(out)
+
+
 def read_metadata(folder: Path) -> dict | None:
     path = Path(folder) / METADATA
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def iter_weights(folder: Path):
-    """Yield ``(name, tensor)`` for every tensor in the folder's safetensors files, one at a time."""
+def tensor_index(folder: Path) -> dict[str, Path]:
+    """Which safetensors file of ``folder`` holds each tensor name."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise OutputError(f"{str(folder)!r} holds no .safetensors files: pass a folder written by compress or save_pretrained")
+    index = {}
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
-            for name in fh.keys():
-                yield name, fh.get_tensor(name)
+            index.update(dict.fromkeys(fh.keys(), file))
+    return index
 
 
-def sparsity_table(folder: Path) -> list[dict]:
-    """Per 2-D weight of a saved folder: name, shape, fraction of zeros, whether it sits in a numbered
-    (decoder) block, and the tightest N:M (of 2:4, 4:8) that every row satisfies along its last dimension,
-    read from the weights themselves."""
+def read_tensor(index: dict[str, Path], name: str) -> torch.Tensor | None:
+    """One tensor by name (memory-mapped read), or ``None`` if the folder has no such tensor."""
+    from safetensors import safe_open
+
+    if name not in index:
+        return None
+    with safe_open(str(index[name]), framework="pt") as fh:
+        return fh.get_tensor(name)
+
+
+def layer_table(folder: Path) -> list[dict]:
+    """Per 2-D weight of a saved folder, read from the stored tensors themselves: name, shape, fraction of
+    zeros, the tightest N:M (of 2:4, 4:8) every row satisfies, bits per stored value and group size (when
+    quantized), bytes on disk, and whether it sits in a numbered (decoder) block.
+
+    Dense weights that were quantized (``--format dense``) take bits and group size from the folder's
+    report; compressed-tensors weights are unpacked to count their zeros.
+    """
+    from compress.kernels.formats import unpack_int32
+
+    meta = read_metadata(folder) or {}
+    quantized_dense = {layer["name"]: layer for layer in meta.get("report", {}).get("layers", []) if layer.get("bits")}
+    config_path = Path(folder) / "config.json"
+    qconfig = json.loads(config_path.read_text()).get("quantization_config", {}) if config_path.is_file() else {}
+    ct_weights = next(iter(qconfig.get("config_groups", {}).values()), {}).get("weights", {}) \
+        if qconfig.get("quant_method") == "compressed-tensors" else {}
+    index = tensor_index(folder)
     rows = []
-    for name, t in iter_weights(folder):
-        if t.ndim != 2 or not name.endswith("weight"):
+    for name in index:
+        if not name.endswith((".weight", ".weight_packed")):
             continue
-        nz = t != 0
-        rows.append({"name": name, "shape": list(t.shape), "sparsity": 1 - float(nz.float().mean()),
-                     "in_block": any(part.isdigit() for part in name.split(".")),
-                     "nm": next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if _satisfies_nm(nz, n, m)), "")})
+        t = read_tensor(index, name)
+        if name.endswith(".weight") and t.ndim == 2:
+            module, nonzero, nbytes = name[: -len(".weight")], t != 0, t.numel() * t.element_size()
+            layer = quantized_dense.get(module)
+            bits, group = (layer["bits"], layer["group_size"]) if layer else (torch.finfo(t.dtype).bits, None)
+        elif name.endswith(".weight_packed") and ct_weights:
+            module = name[: -len(".weight_packed")]
+            parts = {suffix: read_tensor(index, f"{module}.{suffix}") for suffix in ("weight_scale", "weight_shape", "weight_zero_point")}
+            shape = tuple(int(v) for v in parts["weight_shape"])
+            bits = ct_weights["num_bits"]
+            group = ct_weights.get("group_size") or shape[1]
+            codes = unpack_int32(t, bits, shape)  # (out, in) int8
+            zero = torch.zeros_like(codes)
+            if parts["weight_zero_point"] is not None:
+                zp = unpack_int32(parts["weight_zero_point"], bits, (shape[0], shape[1] // group), dim=0)
+                zero = zp.repeat_interleave(group, dim=1)
+            nonzero = codes != zero
+            nbytes = sum(p.numel() * p.element_size() for p in (t, *parts.values()) if p is not None)
+        else:
+            continue
+        rows.append({"name": name, "shape": list(nonzero.shape), "sparsity": 1 - float(nonzero.float().mean()),
+                     "in_block": any(part.isdigit() for part in name.split(".")), "bits": bits, "group_size": group,
+                     "bytes": nbytes,
+                     "nm": next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if _satisfies_nm(nonzero, n, m)), "")})
     return rows
 
 

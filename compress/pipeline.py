@@ -27,8 +27,9 @@ from torch import nn
 from compress import models
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
-from compress.config import PruneConfig
+from compress.config import Recipe
 from compress.prune import InputStats, get
+from compress.weights import compress_weight, needs_hessian
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,19 @@ class LayerReport:
     rel_error: float  # ‖WX − ŴX‖/‖WX‖ on `error_tokens` calibration tokens
     error_tokens: int
     seconds: float
+    bits: int | None = None  # quantized to this many bits, None if not quantized
+    group_size: int | None = None
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer form of a quantized linear, for compressed exports: ``W = (codes - zero) * scale``."""
+
+    codes: torch.Tensor  # (out, in) int8
+    scale: torch.Tensor  # (out, groups) fp32
+    zero: torch.Tensor | None  # (out, groups) fp32 integer codes, None if symmetric
+    bits: int
+    group_size: int
 
 
 @dataclass
@@ -59,10 +73,10 @@ class BlockReport:
 
 @dataclass
 class Report:
-    method: str
-    pattern: str
+    recipe: str
     seconds: float = 0.0
     blocks: list[BlockReport] = field(default_factory=list)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)  # by full linear name
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -75,35 +89,59 @@ class Report:
         return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "pattern": self.pattern, "seconds": self.seconds, "sparsity": self.sparsity,
+        return {"recipe": self.recipe, "seconds": self.seconds, "sparsity": self.sparsity,
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
-def check(model: nn.Module, cfg: PruneConfig) -> None:
+def check(model: nn.Module, recipe: Recipe) -> None:
     """Fail fast, before any calibration work, on a recipe the model cannot take.
 
     Raises:
         ValueError: naming the linear and the fix (e.g. N:M with in_features not divisible by M).
     """
-    method = get(cfg.method)
-    if cfg.scope == "block" and method.name != "sparsegpt":
-        raise ValueError(f"--scope block is SparseGPT's; {method.name} takes row or matrix")
+    prune, quant = recipe.prune, recipe.quant
+    if prune is not None:
+        method = get(prune.method)
+        if prune.scope == "block" and method.name != "sparsegpt":
+            raise ValueError(f"--scope block is SparseGPT's; {method.name} takes row or matrix")
     prefix, blocks = models.decoder_blocks(model)
     targets = 0
     for i, block in enumerate(blocks):
         for name, linear in models.linears(block).items():
             full = f"{prefix}.{i}.{name}"
-            if models.is_ignored(full, cfg.ignore):
+            if models.is_ignored(full, recipe.ignore):
                 continue
             targets += 1
             n_in = models.in_features(linear)
-            if cfg.pattern.is_nm and n_in % cfg.pattern.m:
+            unit = prune.pattern.unit if prune is not None else 1
+            if n_in % unit:
                 raise ValueError(
-                    f"{cfg.pattern} needs in_features divisible by {cfg.pattern.m}, got {n_in} ({full}): "
+                    f"{prune.pattern} needs in_features divisible by {unit}, got {n_in} ({full}): "
                     f"--ignore it or use --sparsity"
                 )
+            if quant is not None and quant.group_size and n_in % quant.group_size:
+                fits = [g for g in (128, 64, 32) if n_in % g == 0]
+                hint = f"use --quant w{quant.bits}g{fits[0]}" if fits else f"use --quant w{quant.bits} (per channel)"
+                raise ValueError(
+                    f"--quant w{quant.bits}g{quant.group_size}: group size {quant.group_size} does not divide "
+                    f"in_features {n_in} ({full}): {hint}, or --ignore it"
+                )
     if not targets:
-        raise ValueError(f"--ignore {list(cfg.ignore)} leaves no linear layer to compress")
+        raise ValueError(f"--ignore {list(recipe.ignore)} leaves no linear layer to compress")
+
+
+def split_groups(model: nn.Module, ignore: tuple[str, ...]) -> list[list[str]]:
+    """Groups of linears sharing an input (fused by inference engines: q/k/v, gate/up) that ``ignore``
+    splits, i.e. some members ignored and some not; as lists of full names."""
+    prefix, blocks = models.decoder_blocks(model)
+    split = []
+    for b, groups in enumerate(input_groups(model, blocks, (), prefix)):
+        for group in groups:
+            names = [f"{prefix}.{b}.{name}" for name in group]
+            ignored = [models.is_ignored(n, ignore) for n in names]
+            if any(ignored) and not all(ignored):
+                split.append(names)
+    return split
 
 
 def input_groups(model: nn.Module, blocks: nn.ModuleList, ignore: tuple[str, ...], prefix: str) -> list[list[list[str]]]:
@@ -152,16 +190,17 @@ _DONE = -1
 class _BlockCompressor:
     """Compresses one block's linear groups in execution order during one chunked forward (module docstring)."""
 
-    def __init__(self, block: nn.Module, groups: list[list[str]], cfg: PruneConfig, block_name: str, gram_stride: int):
+    def __init__(self, block: nn.Module, groups: list[list[str]], recipe: Recipe, block_name: str, gram_stride: int):
         self.modules = models.linears(block)
         self.groups = groups
         self.group_of = {name: g for g, names in enumerate(groups) for name in names}
-        self.cfg, self.method = cfg, get(cfg.method)
+        self.recipe = recipe
         self.block_name = block_name
-        self.gram_stride = 1 if self.method.needs_hessian else gram_stride
+        self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
         self.stats: dict[int, tuple[Gram, SquaredNorms]] = {}
         self.compressed: set[int] = set()
         self.reports: list[LayerReport] = []
+        self.quantized: dict[str, QuantizedWeight] = {}
         self._local = threading.local()
 
     def hook(self, name: str, _module: nn.Module, args: tuple) -> None:
@@ -249,16 +288,23 @@ class _BlockCompressor:
             start = time.perf_counter()
             W = models.weight_view(self.modules[name])  # (out, in), a view of the module's weight
             W32 = W.to(torch.float32, copy=True)  # the original, kept for the error
-            W.copy_(self.method.apply(W32, stats, self.cfg).to(W.dtype))
+            result = compress_weight(W32, stats, self.recipe, scale_dtype=W.dtype)
+            W.copy_(result.W.to(W.dtype))
             W_hat = W.float()
+            full = f"{self.block_name}.{name}"
+            grid = result.grid
+            if grid is not None:
+                self.quantized[full] = QuantizedWeight(result.codes, grid.scale, grid.zero, grid.bits, grid.group_size)
             self.reports.append(LayerReport(
-                name=f"{self.block_name}.{name}",
+                name=full,
                 shape=tuple(W.shape),
-                target_sparsity=self.cfg.pattern.sparsity,
+                target_sparsity=self.recipe.prune.pattern.sparsity if self.recipe.prune else 0.0,
                 sparsity=float((W_hat == 0).float().mean()),
                 rel_error=reconstruction_error(W32, W_hat, stats.G),
                 error_tokens=gram.tokens,
                 seconds=time.perf_counter() - start,
+                bits=grid.bits if grid else None,
+                group_size=grid.group_size if grid else None,
             ))
         self.compressed.add(g)
 
@@ -272,7 +318,7 @@ def _forward(block: nn.Module, inp: BlockInputs) -> torch.Tensor:
 def compress_sequential(
     model: nn.Module,
     tokens: torch.Tensor,
-    cfg: PruneConfig,
+    recipe: Recipe,
     *,
     device: torch.device | str = "cpu",
     chunk_samples: int | None = None,
@@ -284,21 +330,21 @@ def compress_sequential(
     Args:
         model: a causal LM with weights on CPU; each block visits ``device`` while it is compressed.
         tokens: ``(nsamples, seqlen)`` calibration token ids.
-        cfg: what to do to every linear not matched by ``cfg.ignore``.
+        recipe: what to do to every linear not matched by ``recipe.ignore`` (its ``calib`` is not used).
         chunk_samples: samples per forward chunk (default ``DEFAULT_CHUNK_SAMPLES``); any value gives the
             same result and one forward per block; smaller chunks use less memory.
         error_tokens: about how many calibration tokens measure the reconstruction error of methods that do
-            not need the full Gram matrix themselves (magnitude, Wanda); all tokens for SparseGPT.
+            not need the full Gram matrix themselves (magnitude, Wanda, RTN); all tokens for SparseGPT, GPTQ.
         on_block: called after each block with its report and the number of blocks.
 
     Returns:
-        Report with one LayerReport per compressed linear.
+        Report with one LayerReport per compressed linear, and the integer form of quantized ones.
     """
-    check(model, cfg)
+    check(model, recipe)
     device = torch.device(device)
     start = time.perf_counter()
     prefix, blocks = models.decoder_blocks(model)
-    groups = input_groups(model, blocks, cfg.ignore, prefix)
+    groups = input_groups(model, blocks, recipe.ignore, prefix)
     chunks = tokens.split(chunk_samples or DEFAULT_CHUNK_SAMPLES)
     gram_stride = max(1, tokens.numel() // error_tokens)
     models.move_non_blocks_(model, prefix, device)
@@ -306,16 +352,17 @@ def compress_sequential(
         inputs = [capture_block_inputs(model, blocks[0], chunk.to(device)) for chunk in chunks]
     finally:
         models.move_non_blocks_(model, prefix, torch.device("cpu"))
-    report = Report(method=cfg.method, pattern=str(cfg.pattern))
+    report = Report(recipe=str(recipe))
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         block.to(device)
-        compressor = _BlockCompressor(block, groups[i], cfg, f"{prefix}.{i}", gram_stride)
+        compressor = _BlockCompressor(block, groups[i], recipe, f"{prefix}.{i}", gram_stride)
         outputs = compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)
         report.blocks.append(block_report)
+        report.quantized.update(compressor.quantized)
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)
         if on_block:
             on_block(block_report, len(blocks))

@@ -61,14 +61,14 @@ def test_prune_info_eval_round_trip(family, saved_model, calib_txt, tmp_path):
 def test_saved_folder_gives_the_same_logits_as_the_pruned_model_in_memory(saved_model, calib_txt, tmp_path, tokenizer):
     from compress import models, pipeline
     from compress.calibration.data import calibration_batches
-    from compress.config import CalibConfig, Pattern, PruneConfig
+    from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
 
     model_dir = saved_model("llama")
     out = tmp_path / "w"
     assert _prune(model_dir, out, calib_txt, "--sparsity", "0.5").exit_code == 0
     lm, tok = models.load(str(model_dir))
     tokens, _ = calibration_batches(tok, CalibConfig(str(calib_txt), 4, 32, 0))
-    pipeline.compress_sequential(lm, tokens, PruneConfig("wanda", Pattern(0.5)))
+    pipeline.compress_sequential(lm, tokens, Recipe(PruneConfig("wanda", Pattern(0.5))))
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids).logits, lm(ids).logits)

@@ -49,7 +49,7 @@ def test_nm_refuses_indivisible_columns():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(sparsity=1.5), "outside"), (dict(sparsity=0.0), "outside"), (dict(pattern="4:2"), "0 < N < M"),
-    (dict(pattern="2-4"), "not N:M"), (dict(sparsity=0.5, pattern="2:4"), "exactly one"), ({}, "exactly one"),
+    (dict(pattern="2-4"), "neither N:M nor gG"), (dict(sparsity=0.5, pattern="2:4"), "exactly one"), ({}, "exactly one"),
 ])
 def test_pattern_parse_errors_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -3,7 +3,7 @@ import torch
 
 from compress import models
 from compress.calibration.stats import Gram
-from compress.config import Pattern, PruneConfig
+from compress.config import Pattern, PruneConfig, Recipe
 from compress.pipeline import check, compress_sequential
 from compress.prune import METHODS, InputStats
 from tests.conftest import FAMILIES, VOCAB, build
@@ -47,7 +47,7 @@ def test_driver_equals_pruning_each_layer_on_its_sequential_inputs(family, metho
     tokens = _tokens()
     cfg = PruneConfig(method, Pattern(0.5), blocksize=32)
     ours, ref = build(family), build(family)
-    compress_sequential(ours, tokens, cfg)
+    compress_sequential(ours, tokens, Recipe(cfg))
     _reference_true_sequential(ref, tokens, cfg)
     for (name, a), (_, b) in zip(_target_linears(ours).items(), _target_linears(ref).items()):
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
@@ -58,8 +58,8 @@ def test_chunked_calibration_equals_one_pass(method):
     tokens = _tokens(n=7)
     cfg = PruneConfig(method, Pattern.parse(pattern="2:4"))
     one, chunked = build("qwen2"), build("qwen2")
-    r1 = compress_sequential(one, tokens, cfg)
-    r2 = compress_sequential(chunked, tokens, cfg, chunk_samples=3)
+    r1 = compress_sequential(one, tokens, Recipe(cfg))
+    r2 = compress_sequential(chunked, tokens, Recipe(cfg), chunk_samples=3)
     for (name, a), (_, b) in zip(_target_linears(one).items(), _target_linears(chunked).items()):
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
     assert [r.rel_error for r in r1.layers] == pytest.approx([r.rel_error for r in r2.layers], rel=1e-3)
@@ -69,7 +69,7 @@ def test_chunked_calibration_equals_one_pass(method):
 def test_every_family_gets_exact_nm_and_keeps_embeddings_dense_and_tied(family):
     model = build(family)
     before = {n: p.clone() for n, p in model.named_parameters()}
-    report = compress_sequential(model, _tokens(), PruneConfig("sparsegpt", Pattern.parse(pattern="2:4")))
+    report = compress_sequential(model, _tokens(), Recipe(PruneConfig("sparsegpt", Pattern.parse(pattern="2:4"))))
     linears = _target_linears(model)
     assert len(report.layers) == len(linears) > 0
     for name, lin in linears.items():
@@ -87,7 +87,7 @@ def test_every_family_gets_exact_nm_and_keeps_embeddings_dense_and_tied(family):
 
 def test_ignore_keeps_matching_linears_dense():
     model = build("llama")
-    compress_sequential(model, _tokens(), PruneConfig("wanda", Pattern(0.5), ignore=(r"mlp\.down_proj",)))
+    compress_sequential(model, _tokens(), Recipe(PruneConfig("wanda", Pattern(0.5)), ignore=(r"mlp\.down_proj",)))
     for name, lin in _target_linears(model).items():
         zeros = float((lin.weight == 0).float().mean())
         assert zeros == (0.0 if "down_proj" in name else pytest.approx(0.5)), name
@@ -96,4 +96,4 @@ def test_ignore_keeps_matching_linears_dense():
 def test_check_names_the_indivisible_linear():
     model = build("llama")  # in_features 64 and 128: not divisible by 24
     with pytest.raises(ValueError, match=r"divisible by 24, got 64 \(model.layers.0.self_attn.q_proj\)"):
-        check(model, PruneConfig("wanda", Pattern.parse(pattern="2:24")))
+        check(model, Recipe(PruneConfig("wanda", Pattern.parse(pattern="2:24"))))

@@ -5,7 +5,7 @@ import torch
 
 from compress import assets, models
 from compress.calibration.data import calibration_batches
-from compress.config import CalibConfig, Pattern, PruneConfig
+from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
 from compress.evals.perplexity import perplexity
 from compress.pipeline import compress_sequential
 from tests.conftest import WIKITEXT
@@ -34,7 +34,7 @@ def _pruned_ppl(smollm2, method):
     assert model.config.tie_word_embeddings
     tokens, _ = calibration_batches(tok, CalibConfig(str(WIKITEXT / "valid.txt"), nsamples=32, seqlen=512, seed=0))
     embed = model.get_input_embeddings().weight.clone()
-    report = compress_sequential(model, tokens, PruneConfig(method, Pattern(0.5)))
+    report = compress_sequential(model, tokens, Recipe(PruneConfig(method, Pattern(0.5))))
     assert len(report.layers) == 30 * 7
     assert report.sparsity == pytest.approx(0.5, abs=1e-4)
     assert torch.equal(model.get_input_embeddings().weight, embed)

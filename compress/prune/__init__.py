@@ -17,6 +17,23 @@ from compress.prune import magnitude, masks, sparsegpt, wanda
 
 
 @dataclass
+class HessianFactor:
+    """SparseGPT's/GPTQ's inverse-Hessian factor, possibly with columns permuted (act-order).
+
+    Attributes:
+        Hinv: ``(in, in)`` upper Cholesky factor of the dampened inverse of ``H[perm][:, perm]``.
+        dead: ``(in,)`` bool in the permuted order, inputs that never fire.
+        dead_original: the same in the original column order.
+        perm: the column order, or ``None`` for the natural one.
+    """
+
+    Hinv: torch.Tensor
+    dead: torch.Tensor
+    dead_original: torch.Tensor
+    perm: torch.Tensor | None = None
+
+
+@dataclass
 class InputStats:
     """Statistics of one linear's calibration inputs, shared by linears that read the same input (q/k/v).
 
@@ -30,11 +47,16 @@ class InputStats:
     sq: torch.Tensor | None = None
     _hinv: dict = field(default_factory=dict, repr=False)
 
-    def hessian_inverse_factor(self, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """SparseGPT's ``(Hinv, dead)``, computed once per dampening and shared by every reader."""
-        if dampening not in self._hinv:
-            self._hinv[dampening] = sparsegpt.inverse_hessian_factor(self.G, dampening)
-        return self._hinv[dampening]
+    def hessian_inverse_factor(self, dampening: float, perm: torch.Tensor | None = None) -> HessianFactor:
+        """The factor for ``dampening`` and column order ``perm``, computed once and shared by every reader
+        of this input (q/k/v, gate/up)."""
+        key = (dampening, None if perm is None else tuple(perm.tolist()))
+        if key not in self._hinv:
+            G = self.G if perm is None else self.G[perm][:, perm]
+            Hinv, dead = sparsegpt.inverse_hessian_factor(G, dampening)
+            dead_original = dead if perm is None else dead[torch.argsort(perm)]
+            self._hinv[key] = HessianFactor(Hinv, dead, dead_original, perm)
+        return self._hinv[key]
 
     def __post_init__(self):
         if self.sq is None:
@@ -59,10 +81,10 @@ def _scorer(score_fn, default_scope: str):
 
 
 def _sparsegpt(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> torch.Tensor:
-    Hinv, dead = stats.hessian_inverse_factor(cfg.dampening)
+    factor = stats.hessian_inverse_factor(cfg.dampening)
     if cfg.scope == "row" and not cfg.pattern.is_nm:
         raise ValueError("sparsegpt compares weights per block of columns: use --scope block (its default)")
-    return sparsegpt.solve(W, Hinv, cfg.pattern, cfg.blocksize, dead).W
+    return sparsegpt.solve(W, factor.Hinv, cfg.pattern, cfg.blocksize, factor.dead).W
 
 
 METHODS: dict[str, Method] = {

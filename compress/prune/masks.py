@@ -2,7 +2,8 @@
 
 ``select(score, pattern, scope)`` returns a bool mask, ``True`` where a weight is kept. Lower score means
 pruned first. Counts are exact: each comparison group loses ``round(size * sparsity)`` weights (ties broken
-by position), and N:M keeps exactly ``n`` of every ``m`` consecutive input weights of a row.
+by position), and N:M keeps exactly ``n`` of every ``m`` consecutive input weights of a row. Group
+patterns rank runs of ``group`` consecutive weights of a row by their summed score and keep or drop whole runs.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def select(score: torch.Tensor, pattern: Pattern, scope: str = "row") -> torch.T
     """
     if pattern.is_nm:
         return select_nm(score, pattern.n, pattern.m)
+    if pattern.group:
+        rows, cols = score.shape
+        if cols % pattern.group:
+            raise ValueError(f"groups of {pattern.group} need in_features divisible by {pattern.group}, got {cols}")
+        summed = score.reshape(rows, cols // pattern.group, pattern.group).sum(-1)  # (out, in/g)
+        ungrouped = Pattern(pattern.sparsity)
+        return select(summed, ungrouped, scope).repeat_interleave(pattern.group, dim=1)
     if scope == "row":
         return prune_lowest(score, n_pruned(score.shape[1], pattern.sparsity))
     if scope == "matrix":

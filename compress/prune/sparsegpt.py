@@ -11,12 +11,17 @@ arXiv:2301.00774. Symbols follow the paper:
 
 Pruning column i sets the masked weights to zero and spreads their error over the columns not yet frozen:
 ``W[:, i:] -= (w_i - q_i) / Hinv_ii · Hinv[i, i:]``; blocks are updated lazily (one GEMM per block).
+
+The same loop is GPTQ (Frantar et al. 2022, arXiv:2210.17323) when ``q_i`` is the column rounded to a
+quantization grid instead of masked, and the paper's joint sparse + quantized variant when it is both:
+kept weights are rounded, pruned ones zeroed, and the error of either is compensated.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -57,43 +62,61 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float, retries: int = 5) 
 def solve(
     W: torch.Tensor,
     Hinv: torch.Tensor,
-    pattern: Pattern,
+    pattern: Pattern | None,
     blocksize: int = 128,
     dead: torch.Tensor | None = None,
+    *,
+    keep: torch.Tensor | None = None,
+    round_column: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    columns: torch.Tensor | None = None,
 ) -> Result:
-    """Prune ``W`` ``(out, in)`` to ``pattern`` with OBS weight updates.
+    """Prune ``W`` ``(out, in)`` to ``pattern`` (and/or round it to a grid) with OBS weight updates.
 
     Args:
         Hinv: ``(in, in)`` upper Cholesky factor of the dampened inverse Hessian (``inverse_hessian_factor``).
-        blocksize: columns per lazy-update block; for unstructured patterns also the mask-selection group
-            (each block of ``out × blocksize`` weights loses the same fraction).
+        pattern: what to prune, masks chosen on the fly; ``None`` prunes nothing beyond ``keep``.
+        blocksize: columns per lazy-update block; for unstructured and group patterns also the
+            mask-selection group (each block of ``out × blocksize`` weights loses the same fraction).
         dead: ``(in,)`` bool, input channels that never fire; their weights are zeroed first.
+        keep: ``(out, in)`` bool, a fixed keep-mask (pruned beforehand); exclusive with ``pattern``.
+        round_column: ``(w (out,), original column index) -> w rounded to the grid`` (GPTQ); kept weights
+            are rounded as their column is frozen.
+        columns: ``(in,)`` original index of each column of ``W`` when the caller permuted them (act-order).
 
     Returns:
-        Result with the pruned weights (in ``Hinv``'s dtype) and the keep-mask.
+        Result with the weights (in ``Hinv``'s dtype) and the keep-mask.
     """
+    if pattern is not None and keep is not None:
+        raise ValueError("give a pattern to choose masks or a fixed keep-mask, not both")
     W = W.detach().to(Hinv.dtype, copy=True)  # (out, in), in the Hessian's precision (fp32 or fp64)
     n_out, n_in = W.shape
-    if pattern.is_nm and blocksize % pattern.m:
-        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
+    unit = pattern.unit if pattern is not None else 1
+    if blocksize % unit:
+        blocksize = max(unit, blocksize - blocksize % unit)
     if dead is not None:
         W[:, dead] = 0
-    keep = torch.ones_like(W, dtype=torch.bool)  # (out, in)
+    keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.clone()  # (out, in)
+    original = columns.tolist() if columns is not None else range(n_in)
     for i1 in range(0, n_in, blocksize):
         i2 = min(i1 + blocksize, n_in)
         W1 = W[:, i1:i2].clone()  # (out, b)
         Err1 = torch.zeros_like(W1)  # (out, b)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
         d = Hinv1.diagonal()  # (b,)
-        if not pattern.is_nm:
-            saliency = (W1**2 / d**2).reshape(1, -1)  # (1, out*b)
-            keep[:, i1:i2] = masks.prune_lowest(saliency, masks.n_pruned(saliency.numel(), pattern.sparsity)).reshape(W1.shape)
+        if pattern is not None and not pattern.is_nm:
+            saliency = W1**2 / d**2  # (out, b)
+            if pattern.group:
+                saliency = saliency.reshape(n_out, -1, pattern.group).sum(-1)  # (out, b/g)
+            flat = saliency.reshape(1, -1)
+            kept = masks.prune_lowest(flat, masks.n_pruned(flat.numel(), pattern.sparsity)).reshape(saliency.shape)
+            keep[:, i1:i2] = kept.repeat_interleave(pattern.group, dim=1) if pattern.group else kept
         for i in range(i2 - i1):
-            if pattern.is_nm and i % pattern.m == 0:
+            if pattern is not None and pattern.is_nm and i % pattern.m == 0:
                 saliency = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m] ** 2  # (out, m)
                 keep[:, i1 + i : i1 + i + pattern.m] = masks.prune_lowest(saliency, pattern.m - pattern.n)
             w = W1[:, i]  # (out,)
-            q = w * keep[:, i1 + i]
+            q = w if round_column is None else round_column(w, original[i1 + i])
+            q = q * keep[:, i1 + i]
             err = (w - q) / d[i]  # (out,)
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             W1[:, i] = q

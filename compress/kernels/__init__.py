@@ -1,0 +1,1 @@
+"""Storage formats and (later) the project's CPU kernels for packed sparse and quantized weights."""

@@ -1,0 +1,101 @@
+"""The affine integer grid of a weight matrix: ``w ≈ (q - z) · s`` with one ``(s, z)`` per group of a row.
+
+Conventions (those of GPTQ and of the compressed-tensors format, so exports need no conversion):
+- codes ``q`` are signed, in ``[-2^(b-1), 2^(b-1) - 1]``;
+- symmetric: ``z = 0`` and ``s = max|w| / ((2^b - 1) / 2)``; the largest weight lands on the grid's edge;
+- asymmetric: the range ``[min(w, 0), max(w, 0)]`` spans all ``2^b`` codes and ``z`` is an integer code,
+  so 0 is always exactly representable: pruned weights stay exactly zero after quantization;
+- a group is ``group_size`` consecutive input weights of one output row (per output channel when
+  ``group_size`` is the whole row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.config import QuantConfig
+
+
+@dataclass
+class QuantGrid:
+    """Scales and zero points of an ``(out, in)`` matrix.
+
+    Attributes:
+        scale: ``(out, in / group_size)`` fp32 holding values exact in the storage dtype.
+        zero: ``(out, in / group_size)`` fp32 integer codes, or ``None`` when symmetric.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @classmethod
+    def fit(cls, W: torch.Tensor, cfg: QuantConfig, scale_dtype: torch.dtype = torch.float32) -> "QuantGrid":
+        """Min-max grid of ``W`` ``(out, in)``; scales rounded to ``scale_dtype`` (the model's) so that the
+        dequantized weights are exactly what a loader computes from the stored scales.
+
+        Raises:
+            ValueError: ``in`` is not divisible by the group size.
+        """
+        n_out, n_in = W.shape
+        group = cfg.group_size or n_in
+        if n_in % group:
+            raise ValueError(f"--quant group size {group} does not divide in_features {n_in}")
+        Wg = W.detach().float().reshape(n_out, n_in // group, group)  # (out, groups, g)
+        levels = (1 << cfg.bits) - 1
+        if cfg.symmetric:
+            scale = Wg.abs().amax(dim=-1) / (levels / 2)  # (out, groups)
+            zero = None
+        else:
+            lo = Wg.amin(dim=-1).clamp(max=0)  # (out, groups)
+            hi = Wg.amax(dim=-1).clamp(min=0)
+            scale = (hi - lo) / levels
+        scale = scale.to(scale_dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale codes it as 0
+        grid = cls(scale=scale, zero=None, bits=cfg.bits, group_size=group)
+        if not cfg.symmetric:
+            grid.zero = (grid.qmin - torch.round(lo / scale)).clamp(grid.qmin, grid.qmax)
+        return grid
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(self.group_size, dim=1)  # (out, groups) -> (out, in)
+
+    def encode(self, W: torch.Tensor) -> torch.Tensor:
+        """Integer codes ``(out, in)`` int8 of the nearest grid points."""
+        q = torch.round(W.float() / self._expand(self.scale))
+        if self.zero is not None:
+            q += self._expand(self.zero)
+        return q.clamp_(self.qmin, self.qmax).to(torch.int8)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """fp32 weights ``(out, in)`` of integer ``codes``."""
+        q = codes.float()
+        if self.zero is not None:
+            q -= self._expand(self.zero)
+        return q * self._expand(self.scale)
+
+    def round(self, W: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest: ``W`` moved to its nearest grid points, fp32."""
+        return self.decode(self.encode(W))
+
+    def round_column(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """Round one column ``w`` ``(out,)`` (input index ``col``) to the grid; for GPTQ's column loop."""
+        g = col // self.group_size
+        s = self.scale[:, g]
+        z = self.zero[:, g] if self.zero is not None else 0.0
+        return (torch.round(w / s) + z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        """Storage cost per weight, counting one scale (and zero point) per group."""
+        return self.bits + (scale_bits + (self.bits if self.zero is not None else 0)) / self.group_size

@@ -1,0 +1,56 @@
+"""What happens to one linear's weight matrix under a recipe: prune, quantize, or both.
+
+- prune only: the method's ``apply``.
+- quantize only: round to nearest (``rtn``) or GPTQ.
+- SparseGPT + GPTQ: one OBS pass that prunes and quantizes each column as it is frozen (SparseGPT paper,
+  section 3.5), so the rounding error of kept weights is compensated too.
+- any other pruning + quantization: prune first, then quantize the kept weights (GPTQ with the mask fixed,
+  or RTN); pruned weights stay exactly zero because zero is on every grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.config import Recipe
+from compress.prune import InputStats, get
+from compress.quant import gptq
+from compress.quant.grid import QuantGrid
+
+
+@dataclass
+class Compressed:
+    """A compressed weight matrix: ``W`` ``(out, in)`` fp32 as the model will compute with it, and, when
+    quantized, its grid and integer codes ``(out, in)`` int8 (``grid.decode(codes) == W``)."""
+
+    W: torch.Tensor
+    grid: QuantGrid | None = None
+    codes: torch.Tensor | None = None
+
+
+def needs_hessian(recipe: Recipe) -> bool:
+    """Whether the recipe's methods need the full Gram matrix (not a token subsample of it)."""
+    return bool((recipe.prune and get(recipe.prune.method).needs_hessian) or (recipe.quant and recipe.quant.method == "gptq"))
+
+
+def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dtype: torch.dtype = torch.float32) -> Compressed:
+    """Apply ``recipe`` to ``W`` ``(out, in)`` fp32 given its input statistics; ``scale_dtype`` is the model's."""
+    prune, quant = recipe.prune, recipe.quant
+    if quant is None:
+        return Compressed(get(prune.method).apply(W, stats, prune))
+    if quant.method == "gptq" and prune is not None and prune.method == "sparsegpt":
+        result, grid = gptq.quantize(W, stats, quant, pattern=prune.pattern, blocksize=prune.blocksize,
+                                     dampening=prune.dampening, scale_dtype=scale_dtype)
+        return Compressed(result.W, grid, grid.encode(result.W))
+    keep = None
+    if prune is not None:
+        W = get(prune.method).apply(W, stats, prune)
+        keep = W != 0
+    if quant.method == "rtn":
+        grid = QuantGrid.fit(W, quant, scale_dtype)
+        codes = grid.encode(W)
+        return Compressed(grid.decode(codes), grid, codes)
+    result, grid = gptq.quantize(W, stats, quant, keep=keep, scale_dtype=scale_dtype)
+    return Compressed(result.W, grid, grid.encode(result.W))

@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from compress.calibration.stats import Gram
+from compress.config import Pattern, PruneConfig, QuantConfig, Recipe
+from compress.kernels.formats import pack_int32, unpack_int32
+from compress.prune import InputStats
+from compress.quant import gptq
+from compress.quant.grid import QuantGrid
+from compress.weights import compress_weight
+from tests.conftest import outlier_inputs
+
+
+def _layer(n_out=32, n_in=64, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_out, n_in, generator=gen)
+    X = outlier_inputs(2048, n_in, seed=seed)
+    gram = Gram(n_in, dtype=dtype)
+    gram.update(X)
+    return W, X, InputStats(gram.finalize())
+
+
+def _error(W, W_hat, X):
+    return float(torch.linalg.norm((W - W_hat.float()) @ X.T) / torch.linalg.norm(W @ X.T))
+
+
+def _slow_pack(codes, bits):
+    """Bit by bit: code i of each run of 32 at bits i*b.. of the run, words little-endian, as Python ints."""
+    rows = []
+    for row in codes.tolist():
+        row = [c + (1 << (bits - 1)) for c in row] + [0] * (-len(row) % 32)
+        words = []
+        for r in range(0, len(row), 32):
+            stream = 0
+            for i, c in enumerate(row[r : r + 32]):
+                stream |= c << (i * bits)
+            words += [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(bits)]
+        n_words = -(-codes.shape[1] * bits // 32)
+        rows.append([w - (1 << 32) if w >= 1 << 31 else w for w in words[:n_words]])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("cols", [32, 40, 576, 7])
+def test_pack_matches_bitwise_reference_and_round_trips(bits, cols):
+    gen = torch.Generator().manual_seed(bits * 1000 + cols)
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (3, cols), generator=gen).to(torch.int8)
+    packed = pack_int32(codes, bits)
+    torch.testing.assert_close(packed, _slow_pack(codes, bits), rtol=0, atol=0)
+    assert torch.equal(unpack_int32(packed, bits, codes.shape), codes)
+    along_rows = pack_int32(codes.t().contiguous(), bits, dim=0)
+    assert along_rows.shape == (-(-cols * bits // 32), 3)
+    assert torch.equal(unpack_int32(along_rows, bits, (cols, 3), dim=0), codes.t())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [0, 16])
+def test_round_to_nearest_is_within_half_a_step_and_keeps_zeros(bits, symmetric, group):
+    W = torch.randn(8, 64) * torch.linspace(0.1, 3, 64)
+    W[:, ::5] = 0  # pruned weights
+    W[3, :16] = 0  # a whole zero group
+    grid = QuantGrid.fit(W, QuantConfig(bits, group, symmetric))
+    codes = grid.encode(W)
+    assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
+    W_hat = grid.decode(codes)
+    step = grid.scale.repeat_interleave(grid.group_size, dim=1)
+    # the symmetric grid's largest weight sits exactly half a step beyond the last code: allow fp32 rounding
+    assert ((W_hat - W).abs() <= step / 2 + 1e-6 * W.abs().amax()).all()
+    assert (W_hat[W == 0] == 0).all()
+    assert torch.equal(grid.round(W_hat), W_hat)  # grid points are fixed points
+
+
+@pytest.mark.parametrize("spec,message", [("w9g64", "2..8"), ("w1", "2..8"), ("w4g1", "at least 2"),
+                                          ("int4", "not wBgG"), ("w4g", "not wBgG")])
+def test_quant_spec_errors_name_the_value(spec, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig.parse(spec)
+
+
+def test_quant_spec_parses_bits_and_groups():
+    assert QuantConfig.parse("w4g64") == QuantConfig(4, 64)
+    assert QuantConfig.parse("W8").group_size == 0
+
+
+def _slow_gptq(W, H, grid, order, damp=0.01):
+    """OBQ: columns in ``order``, each rounded, its error spread through an explicitly eliminated H⁻¹, fp64."""
+    W, H = W.double().clone(), H.double().clone()
+    H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    Hinv = torch.linalg.inv(H)
+    for i in order:
+        q = grid.round_column(W[:, i], i).double()
+        err = (W[:, i] - q) / Hinv[i, i]
+        W -= torch.outer(err, Hinv[i, :])  # eliminated columns have zero rows in Hinv: untouched
+        W[:, i] = q
+        Hinv = Hinv - torch.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
+    return W
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_gptq_matches_slow_obq_reference(actorder):
+    W, _, stats = _layer(n_out=12, n_in=40, dtype=torch.float64)
+    cfg = QuantConfig(4, 8, actorder=actorder, blocksize=16)
+    result, grid = gptq.quantize(W, stats, cfg)
+    order = gptq.activation_order(stats.G.diagonal()).tolist() if actorder else list(range(40))
+    slow = _slow_gptq(W, stats.G, grid, order)
+    torch.testing.assert_close(result.W, slow, rtol=1e-6, atol=1e-8)
+    assert torch.equal(grid.round(result.W.float()), result.W.float())  # every weight on the grid
+
+
+@pytest.mark.parametrize("spec", ["w4g16", "w3g32", "w4", "w8g16"])
+def test_gptq_error_below_rtn_on_correlated_inputs(spec):
+    for seed in range(3):
+        W, X, stats = _layer(seed=seed)
+        rtn = compress_weight(W, stats, Recipe(quant=QuantConfig.parse(spec, method="rtn")))
+        ours = compress_weight(W, stats, Recipe(quant=QuantConfig.parse(spec, method="gptq")))
+        assert _error(W, ours.W, X) < _error(W, rtn.W, X), (spec, seed)
+        assert torch.equal(ours.grid.decode(ours.codes), ours.W)
+
+
+@pytest.mark.parametrize("quant_method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_then_quantize_keeps_the_mask_exactly(method, quant_method):
+    W, _, stats = _layer()
+    recipe = Recipe(PruneConfig(method, Pattern.parse(pattern="2:4"), blocksize=32),
+                    QuantConfig(4, 16, symmetric=False, method=quant_method))
+    out = compress_weight(W, stats, recipe)
+    kept = (out.W != 0).reshape(32, -1, 4).sum(-1)
+    assert (kept <= 2).all()
+    assert int((out.W == 0).sum()) >= W.numel() // 2
+    assert torch.equal(out.grid.decode(out.codes), out.W.float())
+
+
+def test_joint_sparsegpt_gptq_beats_pruning_then_rtn_and_is_exactly_2_4():
+    joint, sequential = [], []
+    for seed in range(3):
+        W, X, stats = _layer(seed=seed)
+        prune = PruneConfig("sparsegpt", Pattern.parse(pattern="2:4"), blocksize=32)
+        a = compress_weight(W, stats, Recipe(prune, QuantConfig(4, 16)))
+        b = compress_weight(W, stats, Recipe(prune, QuantConfig(4, 16, method="rtn")))
+        assert ((a.W != 0).reshape(32, -1, 4).sum(-1) <= 2).all()
+        joint.append(_error(W, a.W, X))
+        sequential.append(_error(W, b.W, X))
+    assert sum(joint) < sum(sequential), (joint, sequential)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_group_sparsity_prunes_whole_runs(method):
+    W, _, stats = _layer()
+    out = compress_weight(W, stats, Recipe(PruneConfig(method, Pattern.parse(0.5, "g8"), blocksize=32)))
+    runs = (out.W != 0).reshape(32, -1, 8)
+    all_or_nothing = runs.all(-1) | (~runs).all(-1)
+    assert all_or_nothing.all()
+    assert int((~runs).all(-1).sum()) == runs.shape[0] * runs.shape[1] // 2
