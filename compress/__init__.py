@@ -1,3 +1,32 @@
 """compress: post-training compression of causal language models (pruning, quantization, packing)."""
 
 __version__ = "0.1.0"
+
+
+def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
+    """Load a model as compress would run it: a transformers causal LM (hub id, folder or .gguf) with the
+    folder's activation thresholds installed (inputs below them are zeroed before each targeted linear).
+
+    Returns:
+        The model, or ``(model, tokenizer)`` with ``with_tokenizer``. ``model.compress_sparsifiers`` maps
+        each thresholded linear to its hook, which counts the activations it zeroed.
+    """
+    from pathlib import Path
+
+    from compress import models
+    from compress.activations.thresholds import THRESHOLDS_FILE, install
+
+    model, tokenizer = models.load(spec, dtype)
+    model.compress_sparsifiers = {}
+    path = Path(spec) / THRESHOLDS_FILE
+    if path.is_file():
+        import json
+
+        from safetensors.torch import load_file
+
+        from compress.export import METADATA
+
+        meta = json.loads((Path(spec) / METADATA).read_text()) if (Path(spec) / METADATA).is_file() else {}
+        prefill = ((meta.get("recipe") or {}).get("act") or {}).get("prefill", "sparse")
+        model.compress_sparsifiers = install(model, load_file(str(path)), prefill)
+    return (model, tokenizer) if with_tokenizer else model

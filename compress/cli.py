@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from compress import load as compress_load
 from compress import prune as prune_methods
 
 app = typer.Typer(
@@ -68,6 +69,16 @@ def prune(
                                               "calibration Hessian; joint with --method sparsegpt).")] = "gptq",
     quant_actorder: Annotated[bool, typer.Option("--quant-actorder/--no-quant-actorder", help="GPTQ: visit columns "
                                                  "by decreasing input energy (scales stay the static groups').")] = True,
+    act_sparsity: Annotated[Optional[float], typer.Option(help="Activation sparsity: target fraction of zeroed inputs "
+                                                          "per targeted linear (thresholds calibrated, applied by "
+                                                          "compress.load and compress eval).")] = None,
+    act_method: Annotated[str, typer.Option(help="teal (|x| per linear) | chess (channel-wise on MLP inputs) | "
+                                            "wina (|x_j|·‖W[:,j]‖).")] = "teal",
+    act_targets: Annotated[Optional[list[str]], typer.Option(help="Regex of linears whose inputs are sparsified "
+                                                             "(repeatable; default all).")] = None,
+    act_sparsity_file: Annotated[Optional[Path], typer.Option(help="JSON {linear name: sparsity} overriding "
+                                                              "--act-sparsity per layer.")] = None,
+    act_prefill: Annotated[str, typer.Option(help="sparse (every token) | dense (only single-token decode steps).")] = "sparse",
     fmt: Annotated[str, typer.Option("--format", help="Output: dense (plain transformers safetensors) | "
                                      "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed.")] = "dense",
     calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), or a .txt / .jsonl path.")] = "wikitext2",
@@ -87,7 +98,7 @@ def prune(
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
     from compress import export, models, pipeline
     from compress.calibration.data import calibration_batches, check_source
-    from compress.config import CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
+    from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
     _setup_logging(verbose)
     try:
@@ -101,10 +112,15 @@ def prune(
         if quant is not None:
             quant_cfg = QuantConfig.parse(quant, symmetric=quant_sym, method=quant_method, actorder=quant_actorder,
                                           dampening=dampening, blocksize=blocksize)
+        act_cfg = None
+        if act_sparsity is not None or act_sparsity_file is not None:
+            per_layer = _read_per_layer(act_sparsity_file) if act_sparsity_file else {}
+            act_cfg = ActConfig(sparsity=act_sparsity if act_sparsity is not None else 0.5, method=act_method,
+                                targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill)
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
         calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-        recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg)
+        recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg)
         export.check_format(fmt, recipe)
         check_source(calib)
         export.check_output(out, overwrite)
@@ -121,7 +137,7 @@ def prune(
         if seqlen > max_ctx:
             log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
             calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
-            recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg)
+            recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg, act_cfg)
         tokens, manifest = calibration_batches(tokenizer, calib_cfg)
     except ValueError as err:
         _fail(str(err))
@@ -149,10 +165,22 @@ def prune(
         "report": report.to_dict(),
     }
     if fmt == "compressed-tensors":
-        export.save_compressed_tensors(lm, tokenizer, out, metadata, report.quantized, recipe, overwrite)
+        export.save_compressed_tensors(lm, tokenizer, out, metadata, report.quantized, recipe, overwrite,
+                                       act_thresholds=report.act_thresholds)
     else:
-        export.save_dense(lm, tokenizer, out, metadata, overwrite)
+        export.save_dense(lm, tokenizer, out, metadata, overwrite, act_thresholds=report.act_thresholds)
     _print_prune_summary(report, out, metadata["storage"])
+
+
+def _read_per_layer(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--act-sparsity-file {str(path)!r} is not readable JSON ({err}): write {{\"name\": 0.5, ...}}") from err
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise ValueError(f"--act-sparsity-file {str(path)!r} must map linear names to fractions, e.g. "
+                         f"{{\"model.layers.0.mlp.down_proj\": 0.4}}")
+    return {str(k): float(v) for k, v in data.items()}
 
 
 def _print_prune_summary(report, out: Path, storage: dict) -> None:
@@ -160,14 +188,17 @@ def _print_prune_summary(report, out: Path, storage: dict) -> None:
     kinds: dict[str, list] = {}
     for layer in report.layers:
         kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer.name), []).append(layer)
-    typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'bits':>6}{'rel.error':>11}{'worst':>9}{'seconds':>9}")
+    typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'bits':>6}{'act.sparsity':>13}{'rel.error':>11}"
+               f"{'worst':>9}{'seconds':>9}")
     for kind, layers in [*kinds.items(), ("all", report.layers)]:
         numel = sum(r.shape[0] * r.shape[1] for r in layers)
         sparsity = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / numel
         error = sum(r.rel_error for r in layers) / len(layers)
         bits = {r.bits for r in layers}
         bits_text = "-" if bits == {None} else "/".join(str(b) for b in sorted(b for b in bits if b))
-        typer.echo(f"{kind:<24}{len(layers):>6}{sparsity:>10.4f}{bits_text:>6}{error:>11.4f}"
+        acts = [r.act_sparsity for r in layers if r.act_sparsity is not None]
+        act_text = f"{sum(acts) / len(acts):.4f}" if acts else "-"
+        typer.echo(f"{kind:<24}{len(layers):>6}{sparsity:>10.4f}{bits_text:>6}{act_text:>13}{error:>11.4f}"
                    f"{max(r.rel_error for r in layers):>9.4f}{sum(r.seconds for r in layers):>9.1f}")
     typer.echo(f"\ncompressed linears: {storage['linears_stored'] / 2**20:.1f} MiB stored vs "
                f"{storage['linears_dense'] / 2**20:.1f} MiB dense ({storage['format']})")
@@ -202,10 +233,11 @@ def evaluate(
         if ppl != "wikitext2":
             read_text(ppl)
         dev = models.resolve_device(device)
-        lm, tokenizer = models.load(model, dtype)
+        lm, tokenizer = compress_load(model, dtype, with_tokenizer=True)
     except ValueError as err:
         _fail(str(err))
     lm.to(dev)
+    sparsifiers = lm.compress_sparsifiers
     with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
         def on_window(done, total):
             bar.total = total
@@ -214,9 +246,16 @@ def evaluate(
         result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
     typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
     typer.echo(f"protocol: {PROTOCOL}")
+    act = {name: hook.sparsity for name, hook in sparsifiers.items()}
+    if act:
+        prefill = next(iter(sparsifiers.values())).dense_prefill
+        typer.echo(f"activation sparsity on the evaluated text ({'decode steps only, prefill dense' if prefill else 'every token'}): "
+                   f"mean {sum(act.values()) / len(act):.4f}, min {min(act.values()):.4f}, max {max(act.values()):.4f} "
+                   f"over {len(act)} linears")
     if json_out:
         _write_json(json_out, {**result.to_dict(), "model": model, "compression": export.read_metadata(Path(model))
-                               if Path(model).is_dir() else None, "versions": export.versions()})
+                               if Path(model).is_dir() else None, "activation_sparsity": act or None,
+                               "versions": export.versions()})
 
 
 @app.command()

@@ -167,6 +167,56 @@ class QuantConfig:
         return f"{self.method} w{self.bits}{group} {'sym' if self.symmetric else 'asym'}"
 
 
+ACT_METHODS = ("teal", "chess", "wina")
+
+
+@dataclass(frozen=True)
+class ActConfig:
+    """Activation-threshold sparsity: inputs of targeted linears below a calibrated threshold are zeroed.
+
+    Attributes:
+        sparsity: target fraction of zeroed input activations per targeted linear.
+        method: ``teal`` (one threshold on |x| per linear input, Liu et al. 2024), ``chess`` (channel-wise
+            thresholds on MLP inputs, one threshold on attention inputs, He et al. 2024), ``wina`` (one
+            threshold on |x_j|·‖W[:, j]‖₂, the weight-informed score, Chen et al. 2025).
+        targets: regular expressions of linears to sparsify (``re.search`` on full names); empty: all.
+        per_layer: full linear name -> its own target sparsity (overrides ``sparsity``).
+        prefill: ``sparse`` (every token, as in perplexity protocols) or ``dense`` (only single-token
+            decode steps are sparsified).
+    """
+
+    sparsity: float
+    method: str = "teal"
+    targets: tuple[str, ...] = ()
+    per_layer: dict = field(default_factory=dict)
+    prefill: str = "sparse"
+
+    def __post_init__(self):
+        for name, s in [("--act-sparsity", self.sparsity), *self.per_layer.items()]:
+            if not 0 < s < 1:
+                raise ValueError(f"activation sparsity {s} for {name} is outside (0, 1): e.g. 0.5")
+        if self.method not in ACT_METHODS:
+            raise ValueError(f"--act-method {self.method!r} is not one of {', '.join(ACT_METHODS)}")
+        if self.prefill not in ("sparse", "dense"):
+            raise ValueError(f"--act-prefill {self.prefill!r} is not sparse or dense")
+        for expr in self.targets:
+            try:
+                re.compile(expr)
+            except re.error as err:
+                raise ValueError(f"--act-targets {expr!r} is not a regular expression ({err})") from err
+
+    def target_for(self, name: str) -> float | None:
+        """The target sparsity of linear ``name``, or ``None`` if it is not targeted."""
+        if name in self.per_layer:
+            return self.per_layer[name]
+        if self.targets and not any(re.search(expr, name) for expr in self.targets):
+            return None
+        return self.sparsity
+
+    def __str__(self) -> str:
+        return f"{self.method} activations {self.sparsity:.0%}"
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything done to a model: pruning and/or quantization of every linear not matched by ``ignore``.
@@ -179,10 +229,11 @@ class Recipe:
     quant: QuantConfig | None = None
     ignore: tuple[str, ...] = ()
     calib: CalibConfig = field(default_factory=CalibConfig)
+    act: ActConfig | None = None
 
     def __post_init__(self):
-        if self.prune is None and self.quant is None:
-            raise ValueError("nothing to do: give --method with --sparsity/--pattern, or --quant (or both)")
+        if self.prune is None and self.quant is None and self.act is None:
+            raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
         for expr in self.ignore:
             try:
                 re.compile(expr)
@@ -191,7 +242,7 @@ class Recipe:
 
     def __str__(self) -> str:
         parts = [f"{self.prune.method} {self.prune.pattern}"] if self.prune else []
-        return " + ".join(parts + ([str(self.quant)] if self.quant else []))
+        return " + ".join(parts + [str(part) for part in (self.quant, self.act) if part])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,7 +264,11 @@ class Recipe:
         if quant is not None:
             _check_keys(QuantConfig, quant, "recipe.quant")
             quant = QuantConfig(**quant)
-        return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib))
+        act = data.get("act")
+        if act is not None:
+            _check_keys(ActConfig, act, "recipe.act")
+            act = ActConfig(**{**act, "targets": tuple(act.get("targets", ()))})
+        return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act)
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

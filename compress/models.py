@@ -106,6 +106,17 @@ def linears(block: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in block.named_modules() if name and is_linear(m)}
 
 
+def is_attention(block: nn.Module, name: str) -> bool:
+    """Whether linear ``name`` of ``block`` sits inside an attention module (any ancestor's class is named
+    like ``*Attention*``: LlamaAttention, OPTAttention, GPT2Attention, ...)."""
+    module = block
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+        if "attention" in type(module).__name__.lower():
+            return True
+    return False
+
+
 def weight_view(linear: nn.Module) -> torch.Tensor:
     """The weight as ``(out, in)``; a view, so ``weight_view(m).copy_(W)`` writes the module's weight."""
     w = linear.weight.data

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from compress import models
+from compress.activations.histogram import AbsHistogram
+from compress.activations.thresholds import Sparsifier, thresholds
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Recipe
@@ -47,6 +49,8 @@ class LayerReport:
     seconds: float
     bits: int | None = None  # quantized to this many bits, None if not quantized
     group_size: int | None = None
+    act_target: float | None = None  # target fraction of zeroed input activations, None if not targeted
+    act_sparsity: float | None = None  # achieved on the calibration inputs
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Report:
     seconds: float = 0.0
     blocks: list[BlockReport] = field(default_factory=list)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)  # by full linear name
+    act_thresholds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # (in,) by full linear name
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -128,6 +133,14 @@ def check(model: nn.Module, recipe: Recipe) -> None:
                 )
     if not targets:
         raise ValueError(f"--ignore {list(recipe.ignore)} leaves no linear layer to compress")
+    if recipe.act is not None:
+        names = [f"{prefix}.{i}.{n}" for i, block in enumerate(blocks) for n in models.linears(block)
+                 if not models.is_ignored(f"{prefix}.{i}.{n}", recipe.ignore)]
+        if not any(recipe.act.target_for(n) for n in names):
+            raise ValueError(f"--act-targets {list(recipe.act.targets)} matches no linear (names look like {names[0]})")
+        unknown = sorted(set(recipe.act.per_layer) - set(names))
+        if unknown:
+            raise ValueError(f"--act-sparsity-file names {unknown[0]!r}, not a compressed linear (e.g. {names[0]})")
 
 
 def split_groups(model: nn.Module, ignore: tuple[str, ...]) -> list[list[str]]:
@@ -197,23 +210,31 @@ class _BlockCompressor:
         self.recipe = recipe
         self.block_name = block_name
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
-        self.stats: dict[int, tuple[Gram, SquaredNorms]] = {}
+        self.stats: dict[int, list] = {}  # group -> [Gram, SquaredNorms, AbsHistogram if activation targets]
         self.compressed: set[int] = set()
         self.reports: list[LayerReport] = []
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.block = block
+        self.act_targets = {name: recipe.act.target_for(f"{block_name}.{name}") for name in self.group_of} if recipe.act else {}
+        self.sparsifiers: dict[str, Sparsifier] = {}
+        self.act_thresholds: dict[str, torch.Tensor] = {}
         self._local = threading.local()
 
-    def hook(self, name: str, _module: nn.Module, args: tuple) -> None:
-        """Pre-hook, run in a worker: feed the group's statistics once per chunk, then park until compressed."""
+    def hook(self, name: str, module: nn.Module, args: tuple):
+        """Pre-hook, run in a worker: feed the group's statistics once per chunk and park until the group is
+        compressed; then apply the linear's activation thresholds, if it has any."""
         g = self.group_of[name]
-        if g in self.compressed:
-            return
-        x = args[0]
-        if g not in self.stats:
-            self.stats[g] = (Gram(x.shape[-1], stride=self.gram_stride), SquaredNorms(x.shape[-1]))
-        for acc in self.stats[g]:
-            acc.update(x)
-        self._park(g)
+        if g not in self.compressed:
+            x = args[0]
+            if g not in self.stats:
+                self.stats[g] = [Gram(x.shape[-1], stride=self.gram_stride), SquaredNorms(x.shape[-1])]
+                if any(self.act_targets.get(n) for n in self.groups[g]):
+                    self.stats[g].append(AbsHistogram(x.shape[-1]))
+            for acc in self.stats[g]:
+                acc.update(x)
+            self._park(g)
+        sparsifier = self.sparsifiers.get(name)
+        return sparsifier(module, args) if sparsifier else None
 
     def _park(self, g: int) -> None:
         c = self._local.chunk
@@ -267,6 +288,9 @@ class _BlockCompressor:
                 self._compress_group(g)
             for c in range(n):
                 self._step(c)
+            for report in self.reports:
+                sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
+                report.act_sparsity = sparsifier.sparsity if sparsifier else None
         except BaseException:
             self._abort = True
             for c in range(n):
@@ -282,7 +306,7 @@ class _BlockCompressor:
 
     @torch.no_grad()
     def _compress_group(self, g: int) -> None:
-        gram, norms = self.stats.pop(g)
+        gram, norms, *hist = self.stats.pop(g)
         stats = InputStats(gram.finalize(), norms.finalize())
         for name in self.groups[g]:
             start = time.perf_counter()
@@ -305,7 +329,13 @@ class _BlockCompressor:
                 seconds=time.perf_counter() - start,
                 bits=grid.bits if grid else None,
                 group_size=grid.group_size if grid else None,
+                act_target=self.act_targets.get(name),
             ))
+            if self.act_targets.get(name):
+                t = thresholds(hist[0], self.recipe.act.method, self.act_targets[name], W_hat,
+                               models.is_attention(self.block, name))
+                self.sparsifiers[name] = Sparsifier(t)
+                self.act_thresholds[full] = t
         self.compressed.add(g)
 
 
@@ -363,6 +393,7 @@ def compress_sequential(
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)
         report.blocks.append(block_report)
         report.quantized.update(compressor.quantized)
+        report.act_thresholds.update(compressor.act_thresholds)
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)
         if on_block:
             on_block(block_report, len(blocks))

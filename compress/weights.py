@@ -38,6 +38,8 @@ def needs_hessian(recipe: Recipe) -> bool:
 def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dtype: torch.dtype = torch.float32) -> Compressed:
     """Apply ``recipe`` to ``W`` ``(out, in)`` fp32 given its input statistics; ``scale_dtype`` is the model's."""
     prune, quant = recipe.prune, recipe.quant
+    if prune is None and quant is None:  # activation sparsity only: weights stay
+        return Compressed(W)
     if quant is None:
         return Compressed(get(prune.method).apply(W, stats, prune))
     if quant.method == "gptq" and prune is not None and prune.method == "sparsegpt":
