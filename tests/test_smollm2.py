@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (WIKITEXT / "test.txt").i
 # dense 23.61, Wanda 50% 43.30 (ratio 1.83), SparseGPT 50% 36.54 (ratio 1.55). The bounds leave ~10% headroom.
 WANDA50_MAX_RATIO = 2.0
 SPARSEGPT50_MAX_RATIO = 1.7
-GPTQ_W4G64_MAX_RATIO = 1.3  # TODO: record the measured ratio
+# Same protocol, quantization only: GPTQ W4 g64 29.01 (ratio 1.23), RTN W4 g64 32.38.
+GPTQ_W4G64_MAX_RATIO = 1.35
 
 
 @pytest.fixture(scope="module")
