@@ -9,13 +9,12 @@ achieved activation sparsity of every targeted linear measured on that test text
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DEFAULT_DATA, ROOT, prepare, timed  # noqa: E402
+from quality import prepare, protocol_parser, timed  # noqa: E402
 
 # 50% first (the papers' ordering), then the combination with weight sparsity, then the lower targets
 RUNS = {f"{method}-50": ["--act-sparsity", "0.5", "--act-method", method] for method in ("teal", "wina", "chess")}
@@ -34,13 +33,7 @@ def evaluate(folder: Path, data: Path, seqlen: int, limit: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=ROOT / "results" / "quality")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--eval-seqlen", type=int, default=1024)
-    ap.add_argument("--limit", type=int, default=50)
+    ap = protocol_parser(__doc__, peer=False)
     ap.add_argument("--only", nargs="*", help=f"runs to do, of {', '.join(RUNS)}")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs in --work")
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/activations.json)")

@@ -69,15 +69,22 @@ def evaluate(folder: str, data: Path, seqlen: int, limit: int) -> float:
     return perplexity(model, tok, str(data / "test.txt"), seqlen=seqlen, limit=limit).ppl
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_parser(doc: str, peer: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark shares: where to work, the data, and the issue 2 protocol's numbers."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "results" / "quality")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--llmc-python", help="python of a venv with llmcompressor installed; omit to skip the peer")
+    if peer:
+        ap.add_argument("--llmc-python", help="python of a venv with llmcompressor installed; omit to skip the peer")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--limit", type=int, default=50)
+    return ap
+
+
+def main() -> None:
+    ap = protocol_parser(__doc__)
     ap.add_argument("--only", nargs="*", help="method-pattern slugs to run, e.g. wanda-0.5 sparsegpt-2of4")
     ap.add_argument("--reuse", action="store_true", help="reuse finished outputs (their recorded timings) in --work")
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/quality.json)")

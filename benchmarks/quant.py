@@ -11,7 +11,6 @@ for 2:4 runs the share of 4-weight groups that are 2:4 is reported.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DEFAULT_DATA, ROOT, evaluate, prepare, timed  # noqa: E402
+from quality import ROOT, evaluate, prepare, protocol_parser, timed  # noqa: E402
 
 # name: (compress prune flags, llm-compressor (method, spec) or None)
 RUNS = {
@@ -70,14 +69,7 @@ def compressed_tensors_check(dense_out: Path, ct_out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=ROOT / "results" / "quality")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--llmc-python", help="python of a venv with llmcompressor installed; omit to skip the peer")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--eval-seqlen", type=int, default=1024)
-    ap.add_argument("--limit", type=int, default=50)
+    ap = protocol_parser(__doc__)
     ap.add_argument("--only", nargs="*", help=f"runs to do, of {', '.join(RUNS)}")
     ap.add_argument("--reuse", action="store_true", help="reuse finished outputs and evaluations in --work")
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/quant.json)")
