@@ -97,3 +97,20 @@ def test_check_names_the_indivisible_linear():
     model = build("llama")  # in_features 64 and 128: not divisible by 24
     with pytest.raises(ValueError, match=r"divisible by 24, got 64 \(model.layers.0.self_attn.q_proj\)"):
         check(model, Recipe(PruneConfig("wanda", Pattern.parse(pattern="2:24"))))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_quantizes_each_row_group_onto_its_grid(family):
+    from compress.config import QuantConfig
+
+    model = build(family)
+    report = compress_sequential(model, _tokens(), Recipe(PruneConfig("sparsegpt", Pattern.parse(pattern="2:4")),
+                                                          QuantConfig(4, 16, symmetric=False)))
+    linears = _target_linears(model)
+    assert set(report.quantized) == set(linears)
+    for name, lin in linears.items():
+        W = models.weight_view(lin)  # (out, in), also for GPT-2's transposed Conv1D
+        q = report.quantized[name]
+        assert q.codes.shape == W.shape
+        torch.testing.assert_close(W, (q.codes.float() - q.zero.repeat_interleave(16, 1)) * q.scale.repeat_interleave(16, 1))
+        assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all(), name
