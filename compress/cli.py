@@ -208,44 +208,75 @@ def _print_prune_summary(report, out: Path, storage: dict) -> None:
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Argument(help="Output folder of compress, a model folder, hub id, or .gguf file.")],
-    ppl: Annotated[str, typer.Option(help="Perplexity text: wikitext2 (hub test split) or a .txt / .jsonl path.")] = "wikitext2",
-    seqlen: Annotated[int, typer.Option(help="Window length in tokens (capped by the model's context).")] = 2048,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 1,
+    ppl: Annotated[Optional[str], typer.Option(help="Perplexity text: wikitext2 (hub test split) or a .txt / .jsonl "
+                                               "path (default wikitext2 when --tasks is not given).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, comma-separated (e.g. arc_easy,hellaswag).")] = None,
+    include_path: Annotated[Optional[Path], typer.Option(help="Folder of local lm-eval task YAMLs.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per task (lm-eval's default: 0).")] = None,
+    seed: Annotated[int, typer.Option(help="lm-eval's seeds (sampling of few-shot examples and of --limit).")] = 0,
+    offline: Annotated[bool, typer.Option(help="Never touch the network: tasks' data must be local.")] = False,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length in tokens (capped by the model's context).")] = 2048,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N perplexity windows / N examples per task.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows / requests per forward.")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Measure perplexity of MODEL (dense or compressed) with the Wanda/SparseGPT papers' protocol."""
+    """Perplexity (the Wanda/SparseGPT papers' protocol) and lm-eval accuracy of MODEL, dense or compressed."""
     from tqdm import tqdm
 
     from compress import export, models
     from compress.calibration.data import read_text
     from compress.evals.perplexity import PROTOCOL, perplexity
+    from compress.evals.zeroshot import TaskError, set_offline, zero_shot
 
     _setup_logging(verbose)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    if ppl is None and not task_list:
+        ppl = "wikitext2"
     try:
         if limit is not None and limit < 1:
             raise ValueError(f"--limit {limit} must be at least 1")
         if seqlen < 2 or batch_size < 1:
             raise ValueError(f"--seqlen {seqlen} must be >= 2 and --batch-size {batch_size} >= 1")
-        if ppl != "wikitext2":
+        if include_path is not None and not include_path.is_dir():
+            raise ValueError(f"--include-path {str(include_path)!r} is not a folder: pass the folder of your task YAMLs")
+        if offline:
+            set_offline()
+        if ppl not in (None, "wikitext2"):
             read_text(ppl)
         dev = models.resolve_device(device)
+        start = time.perf_counter()
         lm, tokenizer = compress_load(model, dtype, with_tokenizer=True)
+        load_seconds = time.perf_counter() - start
     except ValueError as err:
         _fail(str(err))
     lm.to(dev)
     sparsifiers = lm.compress_sparsifiers
-    with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
-        def on_window(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
+    out = {"model": model}
+    if ppl is not None:
+        with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
+            def on_window(done, total):
+                bar.total = total
+                bar.update(done - bar.n)
 
-        result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
-    typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
-    typer.echo(f"protocol: {PROTOCOL}")
+            start = time.perf_counter()
+            result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
+        out.update(result.to_dict(), ppl_seconds=time.perf_counter() - start)
+        typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
+        typer.echo(f"protocol: {PROTOCOL}")
+    if task_list:
+        try:
+            zs = zero_shot(lm, tokenizer, task_list, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                           seed=seed, include_path=str(include_path) if include_path else None)
+        except TaskError as err:
+            _fail(str(err))
+        out["zero_shot"] = zs.to_dict()
+        for task, metrics in zs.tasks.items():
+            shown = ", ".join(f"{k} {v:.4f} ± {metrics.get(k + '_stderr', float('nan')):.4f}"
+                              for k, v in metrics.items() if not k.endswith("_stderr"))
+            typer.echo(f"{task}: {shown}")
     act = {name: hook.sparsity for name, hook in sparsifiers.items()}
     if act:
         prefill = next(iter(sparsifiers.values())).dense_prefill
@@ -253,9 +284,32 @@ def evaluate(
                    f"mean {sum(act.values()) / len(act):.4f}, min {min(act.values()):.4f}, max {max(act.values()):.4f} "
                    f"over {len(act)} linears")
     if json_out:
-        _write_json(json_out, {**result.to_dict(), "model": model, "compression": export.read_metadata(Path(model))
-                               if Path(model).is_dir() else None, "activation_sparsity": act or None,
-                               "versions": export.versions()})
+        out.update(compression=export.read_metadata(Path(model)) if Path(model).is_dir() else None,
+                   activation_sparsity=act or None, load_seconds=load_seconds, versions=export.versions())
+        _write_json(json_out, out)
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="JSON files written by compress eval --json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md and the PNG plots.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Compare evaluated models: a markdown table (dense first, deltas vs dense) and plots vs sparsity."""
+    from compress import export
+    from compress.evals.report import markdown, plot, read_run
+
+    try:
+        runs = [read_run(path) for path in results]
+        export.check_output(out, overwrite)
+    except ValueError as err:
+        _fail(str(err))
+    table = markdown(runs)
+    with export.atomic_folder(out, overwrite) as tmp:
+        (tmp / "report.md").write_text(table + "\n")
+        plots = plot(runs, tmp)
+    typer.echo(table)
+    typer.echo(f"\nwrote {out / 'report.md'} and {', '.join(p.name for p in plots)}")
 
 
 @app.command()

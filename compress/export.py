@@ -58,8 +58,16 @@ def versions() -> dict:
 
     import compress
 
-    return {"compress": compress.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    found = {"compress": compress.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version()}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("lm_eval", "compressed-tensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None) -> None:

@@ -1,0 +1,106 @@
+"""Compare evaluation results (``compress eval --json``): a markdown table with deltas vs dense, and plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    """One evaluated model, as the report sees it."""
+
+    name: str
+    method: str  # "dense", or the recipe's methods, e.g. "wanda + gptq w4"
+    sparsity: float  # of the compressed linears' weights
+    bits: float | None  # bits of the quantized weights, None when not quantized
+    ppl: float | None
+    accuracy: float | None  # mean of the tasks' acc
+    tasks: dict[str, float]
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == "dense"
+
+
+def read_run(path: Path) -> Run:
+    """Raises ValueError on a file that is not a ``compress eval --json`` result."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable JSON result ({err}): pass files written by compress eval --json") from err
+    if "model" not in data or not ({"ppl", "zero_shot"} & set(data)):
+        raise ValueError(f"{str(path)!r} has no perplexity or zero-shot result: pass files written by compress eval --json")
+    meta = data.get("compression") or {}
+    recipe = meta.get("recipe") or {}
+    parts = []
+    if recipe.get("prune"):
+        pattern = recipe["prune"]["pattern"]
+        shape = f"{pattern['n']}:{pattern['m']}" if pattern.get("m") else "unstructured"
+        parts.append(f"{recipe['prune']['method']} {shape}")
+    if recipe.get("quant"):
+        parts.append(f"{recipe['quant']['method']} w{recipe['quant']['bits']}")
+    if recipe.get("act"):
+        parts.append(f"{recipe['act']['method']} act")
+    layers = (meta.get("report") or {}).get("layers", [])
+    bits = {layer.get("bits") for layer in layers} - {None}
+    zs = data.get("zero_shot") or {}
+    return Run(name=Path(path).stem, method=" + ".join(parts) or "dense",
+               sparsity=(meta.get("report") or {}).get("sparsity", 0.0), bits=max(bits) if bits else None,
+               ppl=data.get("ppl"), accuracy=zs.get("mean_accuracy"),
+               tasks={t: m["acc"] for t, m in (zs.get("tasks") or {}).items() if "acc" in m})
+
+
+def markdown(runs: list[Run]) -> str:
+    """Dense first; each compressed run with its delta vs the (first) dense run."""
+    runs = sorted(runs, key=lambda r: (not r.is_dense, r.method, r.sparsity))
+    dense = next((r for r in runs if r.is_dense), None)
+    tasks = sorted({t for r in runs for t in r.tasks})
+    head = ["run", "method", "sparsity", "bits", "ppl", "Δppl", "mean acc", "Δacc", *tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v, spec=".2f"):
+        return "" if v is None else format(v, spec)
+
+    def delta(value, base, spec):
+        return "" if value is None or base is None or dense is None else format(value - base, "+" + spec)
+
+    for r in runs:
+        cells = [r.name, r.method, fmt(r.sparsity, ".3f"), fmt(r.bits, "g"), fmt(r.ppl),
+                 delta(r.ppl, dense.ppl if dense else None, ".2f"), fmt(r.accuracy, ".4f"),
+                 delta(r.accuracy, dense.accuracy if dense else None, ".4f"), *[fmt(r.tasks.get(t), ".4f") for t in tasks]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], out: Path) -> list[Path]:
+    """``ppl.png`` and ``accuracy.png``: metric vs weight sparsity, one line per method (dense as a reference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    dense = next((r for r in runs if r.is_dense), None)
+    for attr, label, file in (("ppl", "perplexity", "ppl.png"), ("accuracy", "mean accuracy", "accuracy.png")):
+        points = [r for r in runs if getattr(r, attr) is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for method in sorted({r.method for r in points if not r.is_dense}):
+            line = sorted((r for r in points if r.method == method), key=lambda r: r.sparsity)
+            ax.plot([r.sparsity for r in line], [getattr(r, attr) for r in line], marker="o", label=method)
+        if dense is not None and getattr(dense, attr) is not None:
+            ax.axhline(getattr(dense, attr), color="black", linestyle="--", label="dense")
+        ax.set_xlabel("weight sparsity of the compressed linears")
+        ax.set_ylabel(label)
+        if attr == "ppl":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / file)
+        plt.close(fig)
+        written.append(out / file)
+    return written
