@@ -90,6 +90,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         for method in sorted({r.method for r in points if not r.is_dense}):
             line = sorted((r for r in points if r.method == method), key=lambda r: r.sparsity)
+            if dense is not None and getattr(dense, attr) is not None:
+                line = [dense, *line]  # every method starts from the dense model
             ax.plot([r.sparsity for r in line], [getattr(r, attr) for r in line], marker="o", label=method)
         if dense is not None and getattr(dense, attr) is not None:
             ax.axhline(getattr(dense, attr), color="black", linestyle="--", label="dense")
