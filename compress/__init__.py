@@ -22,11 +22,14 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
     if path.is_file():
         import json
 
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         from compress.export import METADATA
 
         meta = json.loads((Path(spec) / METADATA).read_text()) if (Path(spec) / METADATA).is_file() else {}
         prefill = ((meta.get("recipe") or {}).get("act") or {}).get("prefill", "sparse")
-        model.compress_sparsifiers = install(model, load_file(str(path)), prefill)
+        with safe_open(str(path), framework="pt") as fh:
+            table = {name: fh.get_tensor(name) for name in fh.keys()}
+            gate_space = json.loads((fh.metadata() or {}).get("gate_space", "{}"))
+        model.compress_sparsifiers = install(model, table, prefill, gate_space)
     return (model, tokenizer) if with_tokenizer else model

@@ -166,9 +166,10 @@ def prune(
     }
     if fmt == "compressed-tensors":
         export.save_compressed_tensors(lm, tokenizer, out, metadata, report.quantized, recipe, overwrite,
-                                       act_thresholds=report.act_thresholds)
+                                       act_thresholds=report.act_thresholds, gate_space=report.gate_space)
     else:
-        export.save_dense(lm, tokenizer, out, metadata, overwrite, act_thresholds=report.act_thresholds)
+        export.save_dense(lm, tokenizer, out, metadata, overwrite, act_thresholds=report.act_thresholds,
+                          gate_space=report.gate_space)
     _print_prune_summary(report, out, metadata["storage"])
 
 

@@ -70,7 +70,7 @@ def versions() -> dict:
     return found
 
 
-def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None) -> None:
+def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None, gate_space: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     from compress.activations.thresholds import THRESHOLDS_FILE
@@ -78,18 +78,19 @@ def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | N
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if act_thresholds:
-        save_file({name: t.contiguous().float() for name, t in act_thresholds.items()}, str(tmp / THRESHOLDS_FILE))
+        save_file({name: t.contiguous().float() for name, t in act_thresholds.items()}, str(tmp / THRESHOLDS_FILE),
+                  metadata={"gate_space": json.dumps(gate_space or {})})
     (tmp / METADATA).write_text(json.dumps({**metadata, "versions": versions()}, indent=2) + "\n")
 
 
 def save_dense(model, tokenizer, out: Path, metadata: dict, overwrite: bool = False,
-               act_thresholds: dict | None = None) -> Path:
+               act_thresholds: dict | None = None, gate_space: dict | None = None) -> Path:
     """Save ``model`` as ordinary safetensors (loads with ``AutoModelForCausalLM``), its tokenizer,
     ``compression.json`` holding ``metadata`` plus library versions, and the activation thresholds (by linear
     name, for ``compress.load``) if any. Tied weights stay tied."""
     with atomic_folder(Path(out), overwrite) as tmp:
         model.save_pretrained(tmp)
-        _write_extras(tmp, tokenizer, metadata, act_thresholds)
+        _write_extras(tmp, tokenizer, metadata, act_thresholds, gate_space)
     log.info("wrote %s", out)
     return Path(out)
 
@@ -162,7 +163,8 @@ def _weight_args(quant) -> dict:
 
 
 def save_compressed_tensors(model, tokenizer, out: Path, metadata: dict, quantized: dict, recipe,
-                            overwrite: bool = False, act_thresholds: dict | None = None) -> Path:
+                            overwrite: bool = False, act_thresholds: dict | None = None,
+                            gate_space: dict | None = None) -> Path:
     """Save in the compressed-tensors ``pack-quantized`` layout that vLLM and transformers load.
 
     Every quantized linear ``name`` stores ``name.weight_packed`` (codes packed into int32 along the input
@@ -198,7 +200,7 @@ def save_compressed_tensors(model, tokenizer, out: Path, metadata: dict, quantiz
         model_config = json.loads(cfg_path.read_text())
         model_config["quantization_config"] = config
         cfg_path.write_text(json.dumps(model_config, indent=2) + "\n")
-        _write_extras(tmp, tokenizer, metadata, act_thresholds)
+        _write_extras(tmp, tokenizer, metadata, act_thresholds, gate_space)
     log.info("wrote %s (compressed-tensors, pack-quantized)", out)
     return Path(out)
 

@@ -117,6 +117,16 @@ def is_attention(block: nn.Module, name: str) -> bool:
     return False
 
 
+def gated_up_projection(block: nn.Module, name: str) -> str | None:
+    """For the down projection of a gated MLP (``down(act(gate(x)) * up(x))``: Llama, Qwen2, Mistral...),
+    the name of its ``up`` projection within ``block``; ``None`` for any other linear."""
+    parent_path, _, leaf = name.rpartition(".")
+    parent = block.get_submodule(parent_path) if parent_path else block
+    if leaf == "down_proj" and all(is_linear(getattr(parent, a, None)) for a in ("gate_proj", "up_proj")):
+        return f"{parent_path}.up_proj" if parent_path else "up_proj"
+    return None
+
+
 def weight_view(linear: nn.Module) -> torch.Tensor:
     """The weight as ``(out, in)``; a view, so ``weight_view(m).copy_(W)`` writes the module's weight."""
     w = linear.weight.data

@@ -26,7 +26,7 @@ from torch import nn
 
 from compress import models
 from compress.activations.histogram import AbsHistogram
-from compress.activations.thresholds import Sparsifier, thresholds
+from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Recipe
@@ -82,6 +82,7 @@ class Report:
     blocks: list[BlockReport] = field(default_factory=list)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)  # by full linear name
     act_thresholds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # (in,) by full linear name
+    gate_space: dict[str, str] = field(default_factory=dict)  # CHESS: down projection -> its up projection
 
     @property
     def layers(self) -> list[LayerReport]:
@@ -218,6 +219,13 @@ class _BlockCompressor:
         self.act_targets = {name: recipe.act.target_for(f"{block_name}.{name}") for name in self.group_of} if recipe.act else {}
         self.sparsifiers: dict[str, Sparsifier] = {}
         self.act_thresholds: dict[str, torch.Tensor] = {}
+        self.gate_space: dict[str, str] = {}
+        self.up_outputs: dict[str, tuple[str, UpOutput]] = {}  # CHESS: gated down projection -> (up name, hook)
+        if recipe.act is not None and recipe.act.method == "chess":
+            for name, target in self.act_targets.items():
+                up = models.gated_up_projection(block, name) if target else None
+                if up is not None:
+                    self.up_outputs[name] = (up, UpOutput(collecting=True))
         self._local = threading.local()
 
     def hook(self, name: str, module: nn.Module, args: tuple):
@@ -230,8 +238,10 @@ class _BlockCompressor:
                 self.stats[g] = [Gram(x.shape[-1], stride=self.gram_stride), SquaredNorms(x.shape[-1])]
                 if any(self.act_targets.get(n) for n in self.groups[g]):
                     self.stats[g].append(AbsHistogram(x.shape[-1]))
-            for acc in self.stats[g]:
+            for acc in self.stats[g][:2]:
                 acc.update(x)
+            if len(self.stats[g]) > 2:  # activation histogram: of the gate activations for CHESS's gated MLPs
+                self.stats[g][2].update(gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x)
             self._park(g)
         sparsifier = self.sparsifiers.get(name)
         return sparsifier(module, args) if sparsifier else None
@@ -276,6 +286,7 @@ class _BlockCompressor:
                 self._back.release()
 
         handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
+        handles += [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
         workers = [threading.Thread(target=work, args=(c,), name=f"{self.block_name}-chunk{c}", daemon=True) for c in range(n)]
         for worker in workers:
             worker.start()
@@ -332,10 +343,14 @@ class _BlockCompressor:
                 act_target=self.act_targets.get(name),
             ))
             if self.act_targets.get(name):
+                up_name, up = self.up_outputs.get(name, (None, None))
                 t = thresholds(hist[0], self.recipe.act.method, self.act_targets[name], W_hat,
-                               models.is_attention(self.block, name))
-                self.sparsifiers[name] = Sparsifier(t)
+                               models.is_attention(self.block, name), up.mean_abs if up else None)
+                self.sparsifiers[name] = Sparsifier(t, up=up)
                 self.act_thresholds[full] = t
+                if up is not None:
+                    up.collecting = False
+                    self.gate_space[full] = f"{self.block_name}.{up_name}"
         self.compressed.add(g)
 
 
@@ -394,6 +409,7 @@ def compress_sequential(
         report.blocks.append(block_report)
         report.quantized.update(compressor.quantized)
         report.act_thresholds.update(compressor.act_thresholds)
+        report.gate_space.update(compressor.gate_space)
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)
         if on_block:
             on_block(block_report, len(blocks))

@@ -149,3 +149,21 @@ def test_bad_activation_input_is_one_line_exit_2(extra, message, saved_model, ca
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_chess_thresholds_gate_activations_of_gated_mlps_by_mean_up(saved_model, calib_txt, tmp_path):
+    model = build("llama")
+    report = compress_sequential(model, _tokens(), Recipe(act=ActConfig(0.5, "chess")))
+    downs = [n for n in report.act_thresholds if n.endswith("down_proj")]
+    assert downs and set(report.gate_space) == set(downs)
+    assert all(report.gate_space[d] == d.replace("down_proj", "up_proj") for d in downs)
+
+    out = tmp_path / "chess"
+    assert _prune(saved_model("llama"), out, calib_txt, "--act-sparsity", "0.5", "--act-method", "chess").exit_code == 0
+    loaded = compress.load(str(out))
+    assert all(loaded.compress_sparsifiers[d].up is not None for d in downs)
+    ids = torch.randint(3, 300, (2, 32))
+    with torch.no_grad():
+        loaded(ids)
+    down = loaded.compress_sparsifiers[downs[0]]
+    assert 0.3 < down.sparsity < 0.7  # gate activations below T / E|up| zeroed on unseen tokens too

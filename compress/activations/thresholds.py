@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -10,15 +12,55 @@ from compress.activations.histogram import AbsHistogram
 THRESHOLDS_FILE = "activation_thresholds.safetensors"
 
 
-def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor, attention: bool) -> torch.Tensor:
+class UpOutput:
+    """Forward hook on a gated MLP's up projection: keeps its latest output per thread (the down projection's
+    CHESS sparsifier needs it) and, while ``collecting``, the mean |output| per channel."""
+
+    def __init__(self, collecting: bool = False):
+        self._local = threading.local()
+        self.collecting = collecting
+        self.abs_sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    def __call__(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        self._local.value = output
+        if self.collecting:
+            flat = output.detach().reshape(-1, output.shape[-1]).float()
+            total = flat.abs().sum(0)
+            self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+            self.tokens += flat.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self._local.value
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).cpu()
+
+
+def gate_activation(x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act(gate)`` recovered from the down projection's input ``x = act(gate) * up`` (0 where ``up`` is)."""
+    return torch.where(up != 0, x / torch.where(up != 0, up, torch.ones_like(up)), torch.zeros_like(x))
+
+
+def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor, attention: bool,
+               up_mean_abs: torch.Tensor | None = None) -> torch.Tensor:
     """Per-channel thresholds ``(in,)`` fp32 for one linear.
 
     Args:
-        hist: |x| histograms of the linear's calibration inputs.
+        hist: |x| histograms of the linear's calibration inputs (for CHESS on a gated MLP's down projection,
+            of the gate activations ``act(gate)`` instead).
         method: ``teal``, ``chess`` or ``wina``.
         W: ``(out, in)`` the linear's weights as it computes with them (after any pruning/quantization).
         attention: whether the linear belongs to attention (CHESS treats attention inputs tensor-wise).
+        up_mean_abs: CHESS on a gated MLP: ``E|up_j|`` per channel. The importance of gate activation ``j``
+            is ``|act(gate)_j| · E|up_j|`` against one threshold ``T``, i.e. channel-wise thresholds
+            ``T / E|up_j|`` on ``|act(gate)_j|`` (He et al. 2024, section 3).
     """
+    if method == "chess" and up_mean_abs is not None:
+        T = hist.threshold(sparsity, up_mean_abs)
+        return torch.where(up_mean_abs > 0, T / up_mean_abs.clamp_min(1e-30), torch.full_like(up_mean_abs, torch.inf)).float()
     if method == "wina":
         norms = torch.linalg.vector_norm(W.float(), dim=0).cpu()  # (in,) column norms
         T = hist.threshold(sparsity, norms)
@@ -34,11 +76,14 @@ class Sparsifier:
     Args:
         t: ``(in,)`` thresholds.
         dense_prefill: leave multi-token forwards (prefill) dense, sparsify single-token decode steps only.
+        up: for CHESS on a gated MLP's down projection, its up projection's output hook: ``t`` then applies
+            to the gate activation ``x / up`` (``|x| >= t·|up|``).
     """
 
-    def __init__(self, t: torch.Tensor, dense_prefill: bool = False):
+    def __init__(self, t: torch.Tensor, dense_prefill: bool = False, up: UpOutput | None = None):
         self.t = t
         self.dense_prefill = dense_prefill
+        self.up = up
         self.zeros = 0
         self.total = 0
 
@@ -50,10 +95,11 @@ class Sparsifier:
             return None
         if self.t.device != x.device or self.t.dtype != x.dtype:
             self.t = self.t.to(device=x.device, dtype=x.dtype)
-        keep = x.abs() >= self.t
-        self.zeros += x.numel() - int(keep.sum())
+        bound = self.t if self.up is None else self.t * self.up.value.abs()
+        x = x * (x.abs() >= bound)
+        self.zeros += int((x == 0).sum())
         self.total += x.numel()
-        return (x * keep, *args[1:])
+        return (x, *args[1:])
 
     @property
     def sparsity(self) -> float:
@@ -61,11 +107,19 @@ class Sparsifier:
         return self.zeros / self.total if self.total else 0.0
 
 
-def install(model: nn.Module, table: dict[str, torch.Tensor], prefill: str = "sparse") -> dict[str, Sparsifier]:
-    """Attach a ``Sparsifier`` to every linear named in ``table``; returns them by name (for their counts)."""
+def install(model: nn.Module, table: dict[str, torch.Tensor], prefill: str = "sparse",
+            gate_space: dict[str, str] | None = None) -> dict[str, Sparsifier]:
+    """Attach a ``Sparsifier`` to every linear named in ``table``; returns them by name (for their counts).
+
+    Args:
+        gate_space: down projection name -> its up projection's, for thresholds on gate activations (CHESS).
+    """
     hooks = {}
     for name, t in table.items():
-        module = model.get_submodule(name)
-        hooks[name] = Sparsifier(t, dense_prefill=prefill == "dense")
-        module.register_forward_pre_hook(hooks[name])
+        up = None
+        if gate_space and name in gate_space:
+            up = UpOutput()
+            model.get_submodule(gate_space[name]).register_forward_hook(up)
+        hooks[name] = Sparsifier(t, dense_prefill=prefill == "dense", up=up)
+        model.get_submodule(name).register_forward_pre_hook(hooks[name])
     return hooks
