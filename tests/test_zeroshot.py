@@ -120,3 +120,12 @@ def test_report_rejects_a_file_that_is_not_a_result(tmp_path):
     result = runner.invoke(app, ["report", str(bad), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "has no perplexity or zero-shot result" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_offline_missing_task_data_is_one_line_exit_2(saved_model, task_dir):
+    (task_dir / "tiny_mc.jsonl").unlink()
+    result = runner.invoke(app, ["eval", str(saved_model("llama")), "--tasks", "tiny_mc", "--include-path",
+                                 str(task_dir), "--offline", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot load the data of ['tiny_mc']" in errors[0] and "--include-path" in errors[0]
