@@ -167,3 +167,8 @@ def test_chess_thresholds_gate_activations_of_gated_mlps_by_mean_up(saved_model,
         loaded(ids)
     down = loaded.compress_sparsifiers[downs[0]]
     assert 0.3 < down.sparsity < 0.7  # gate activations below T / E|up| zeroed on unseen tokens too
+
+
+def test_histograms_on_a_token_subsample_still_hit_the_target():
+    report = compress_sequential(build("llama"), _tokens(n=16), Recipe(act=ActConfig(0.4, "teal")), histogram_tokens=128)
+    assert all(layer.act_sparsity == pytest.approx(0.4, abs=0.04) for layer in report.layers)
