@@ -120,7 +120,8 @@ def test_cli_round_trip_with_wanda_and_wina(saved_model, calib_txt, tmp_path):
     assert len(model.compress_sparsifiers) == len(meta["report"]["layers"])
     sparse = _eval(out, calib_txt, tmp_path / "sparse.json")
     assert set(sparse["activation_sparsity"]) == set(model.compress_sparsifiers)
-    assert all(0.3 < s < 0.5 for s in sparse["activation_sparsity"].values()), sparse["activation_sparsity"]
+    achieved = list(sparse["activation_sparsity"].values())  # on 4 x 32 unseen tokens: near the target, noisy
+    assert sum(achieved) / len(achieved) == pytest.approx(0.4, abs=0.05) and all(0.2 < a < 0.6 for a in achieved), achieved
 
     weights_only = tmp_path / "w"
     assert _prune(model_dir, weights_only, calib_txt, "--method", "wanda", "--sparsity", "0.5").exit_code == 0
