@@ -72,7 +72,7 @@ def prune(
     act_sparsity: Annotated[Optional[float], typer.Option(help="Activation sparsity: target fraction of zeroed inputs "
                                                           "per targeted linear (thresholds calibrated, applied by "
                                                           "compress.load and compress eval).")] = None,
-    act_method: Annotated[str, typer.Option(help="teal (|x| per linear) | chess (channel-wise on MLP inputs) | "
+    act_method: Annotated[str, typer.Option(help="teal (|x| per linear) | chess (channel-wise on gate activations) | "
                                             "wina (|x_j|·‖W[:,j]‖).")] = "teal",
     act_targets: Annotated[Optional[list[str]], typer.Option(help="Regex of linears whose inputs are sparsified "
                                                              "(repeatable; default all).")] = None,

@@ -56,11 +56,8 @@ def test_thresholds_give_the_calibrated_sparsity_on_the_calibration_inputs(metho
     if method == "wina":  # one threshold on |x_j|·‖W[:, j]‖
         score = X.abs() * torch.linalg.vector_norm(W, dim=0)
         assert float(score[x_sparse == 0].max()) <= float(score[x_sparse != 0].min()) * (1 + 1e-5)
-    if method == "chess" and not attention:  # every live channel at one level; the dead one counts as zeroed
-        live = (X != 0).any(0)
-        level = (0.4 * X.shape[1] - int((~live).sum())) / int(live.sum())
-        per_channel = (x_sparse == 0).float().mean(0)[live]
-        torch.testing.assert_close(per_channel, torch.full_like(per_channel, level), atol=0.005, rtol=0)
+    if method != "wina":  # without an up projection CHESS, like TEAL, has one threshold on |x|
+        assert float(X.abs()[x_sparse == 0].max()) <= float(X.abs()[x_sparse != 0].min())
 
 
 def _tokens(n=8, length=32, seed=0):
@@ -77,9 +74,9 @@ def test_driver_calibrates_every_targeted_linear_to_its_target(family, method):
         assert layer.act_target == 0.5
         assert layer.act_sparsity == pytest.approx(0.5, abs=0.02), layer.name
         assert layer.sparsity == 0  # weights untouched
-    if method == "chess":
+    if method == "chess":  # channel-wise on gated MLPs' gate activations only, one threshold elsewhere
         uniform = {name: bool((t == t[0]).all()) for name, t in report.act_thresholds.items()}
-        assert any(uniform.values()) and not all(uniform.values())  # attention tensor-wise, MLP channel-wise
+        assert all(u == (family != "llama" or not name.endswith("down_proj")) for name, u in uniform.items()), uniform
 
 
 def test_per_layer_targets_and_target_regex():

@@ -7,7 +7,8 @@ for any distribution that is not concentrated on a few values.
 
 Per-channel counts serve every criterion of the form ``|x_j| · c_j ≥ T`` (TEAL: ``c = 1``; WINA:
 ``c_j = ‖W[:, j]‖``; channel-wise thresholds: one quantile per channel): the fraction of zeroed inputs at
-``T`` is the mean over channels of ``CDF_j(T / c_j)``, which a bisection on ``T`` inverts.
+``T`` is the mean over channels of ``CDF_j(T / c_j)``, which a bisection on ``T`` inverts; per-channel
+quantiles (``level_thresholds``) come from the same counts.
 """
 
 from __future__ import annotations
@@ -66,17 +67,6 @@ class AbsHistogram:
             frac = float(self.cdf(t).mean())
             lo, hi = (mid, hi) if frac < sparsity else (lo, mid)
         return math.exp((lo + hi) / 2)
-
-    def channel_thresholds(self, sparsity: float) -> torch.Tensor:
-        """Per-channel ``t_j``, ``(channels,)`` fp32: every channel zeroed at one common level ``q``
-        (``P(|x_j| < t_j) = q``), ``q`` chosen so the whole input is zeroed at ``sparsity`` counting the
-        channels that are (mostly) zero anyway: ``mean_j max(q, P(x_j = 0)) = sparsity``."""
-        zero = self.counts[:, 0].double() / max(self.tokens, 1)  # (channels,) underflow: zeros
-        lo_q, hi_q = 0.0, 1.0
-        for _ in range(50):
-            q = (lo_q + hi_q) / 2
-            lo_q, hi_q = (q, hi_q) if float(torch.maximum(zero, torch.tensor(q, dtype=torch.float64)).mean()) < sparsity else (lo_q, q)
-        return self.level_thresholds((lo_q + hi_q) / 2)
 
     def level_thresholds(self, level: float) -> torch.Tensor:
         """Per-channel ``level``-quantiles of ``|x_j|``, ``(channels,)`` fp32."""

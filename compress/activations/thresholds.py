@@ -53,10 +53,11 @@ def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor
             of the gate activations ``act(gate)`` instead).
         method: ``teal``, ``chess`` or ``wina``.
         W: ``(out, in)`` the linear's weights as it computes with them (after any pruning/quantization).
-        attention: whether the linear belongs to attention (CHESS treats attention inputs tensor-wise).
-        up_mean_abs: CHESS on a gated MLP: ``E|up_j|`` per channel. The importance of gate activation ``j``
-            is ``|act(gate)_j| · E|up_j|`` against one threshold ``T``, i.e. channel-wise thresholds
-            ``T / E|up_j|`` on ``|act(gate)_j|`` (He et al. 2024, section 3).
+        attention: whether the linear belongs to attention (kept for methods that treat it apart).
+        up_mean_abs: CHESS on a gated MLP's down projection: ``E|up_j|`` per channel. The importance of gate
+            activation ``j`` is ``|act(gate)_j| · E|up_j|`` against one threshold ``T``, i.e. channel-wise
+            thresholds ``T / E|up_j|`` on ``|act(gate)_j|`` (He et al. 2024, section 3). Every other input
+            CHESS sparsifies with one threshold, as TEAL (its "selective" attention sparsification).
     """
     if method == "chess" and up_mean_abs is not None:
         T = hist.threshold(sparsity, up_mean_abs)
@@ -65,8 +66,6 @@ def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor
         norms = torch.linalg.vector_norm(W.float(), dim=0).cpu()  # (in,) column norms
         T = hist.threshold(sparsity, norms)
         return torch.where(norms > 0, T / norms.clamp_min(1e-30), torch.full_like(norms, torch.inf))
-    if method == "chess" and not attention:
-        return hist.channel_thresholds(sparsity)
     return torch.full((hist.channels,), hist.threshold(sparsity), dtype=torch.float32)
 
 
