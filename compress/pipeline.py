@@ -111,13 +111,13 @@ def check(model: nn.Module, recipe: Recipe) -> None:
         if prune.scope == "block" and method.name != "sparsegpt":
             raise ValueError(f"--scope block is SparseGPT's; {method.name} takes row or matrix")
     prefix, blocks = models.decoder_blocks(model)
-    targets = 0
+    targets: list[str] = []
     for i, block in enumerate(blocks):
         for name, linear in models.linears(block).items():
             full = f"{prefix}.{i}.{name}"
             if models.is_ignored(full, recipe.ignore):
                 continue
-            targets += 1
+            targets.append(full)
             n_in = models.in_features(linear)
             unit = prune.pattern.unit if prune is not None else 1
             if n_in % unit:
@@ -135,13 +135,11 @@ def check(model: nn.Module, recipe: Recipe) -> None:
     if not targets:
         raise ValueError(f"--ignore {list(recipe.ignore)} leaves no linear layer to compress")
     if recipe.act is not None:
-        names = [f"{prefix}.{i}.{n}" for i, block in enumerate(blocks) for n in models.linears(block)
-                 if not models.is_ignored(f"{prefix}.{i}.{n}", recipe.ignore)]
-        if not any(recipe.act.target_for(n) for n in names):
-            raise ValueError(f"--act-targets {list(recipe.act.targets)} matches no linear (names look like {names[0]})")
-        unknown = sorted(set(recipe.act.per_layer) - set(names))
+        if not any(recipe.act.target_for(n) for n in targets):
+            raise ValueError(f"--act-targets {list(recipe.act.targets)} matches no linear (names look like {targets[0]})")
+        unknown = sorted(set(recipe.act.per_layer) - set(targets))
         if unknown:
-            raise ValueError(f"--act-sparsity-file names {unknown[0]!r}, not a compressed linear (e.g. {names[0]})")
+            raise ValueError(f"--act-sparsity-file names {unknown[0]!r}, not a compressed linear (e.g. {targets[0]})")
 
 
 def split_groups(model: nn.Module, ignore: tuple[str, ...]) -> list[list[str]]:
