@@ -131,3 +131,12 @@ def test_shared_inputs_factor_hessian_once():
     _, _, stats = _layer()
     a = stats.hessian_inverse_factor(0.01)
     assert stats.hessian_inverse_factor(0.01) is a
+
+
+def test_squared_norms_over_uneven_updates_equal_the_exact_column_norms():
+    X = outlier_inputs(700, 24)
+    sq = SquaredNorms(24)
+    for part in X.split([5, 300, 128, 267]):  # tails shorter and longer than the accumulator's panel
+        sq.update(part.to(torch.bfloat16) if len(part) == 5 else part)
+    exact = torch.cat([X[:5].to(torch.bfloat16).float(), X[5:]]).double().square().mean(dim=0)
+    torch.testing.assert_close(sq.finalize().double(), exact, rtol=1e-5, atol=0)

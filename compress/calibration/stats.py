@@ -20,22 +20,30 @@ class SquaredNorms:
         self.tokens = 0
         self._sum: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, chunk: int = 16384) -> None:
-        """Add tokens ``x`` of shape ``(..., in_features)``, ``chunk`` tokens at a time to bound temporaries."""
+    def update(self, x: torch.Tensor, rows: int = 128) -> None:
+        """Add tokens ``x`` of shape ``(..., in_features)``.
+
+        Squares accumulate into a ``(rows, in)`` panel by fused multiply-adds, ``rows`` tokens at a time,
+        summed once in ``finalize``: no temporary the size of ``x`` (which costs page faults and memory
+        traffic, ~10x the time of this loop on CPU), and every step is contiguous.
+        """
         x = x.reshape(-1, self.in_features)  # (t, in)
         if self._sum is None:
-            self._sum = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
-        for start in range(0, x.shape[0], chunk):
-            part = x[start : start + chunk].float()
-            # square-then-sum over rows: ~9x faster on CPU than vector_norm(dim=0), a strided reduction
-            self._sum += part.square().sum(dim=0)
+            self._sum = torch.zeros(rows, self.in_features, dtype=torch.float32, device=x.device)
+        rows = self._sum.shape[0]
+        whole = x.shape[0] // rows * rows
+        for panel in x[:whole].view(-1, rows, self.in_features):
+            panel = panel.float()
+            self._sum.addcmul_(panel, panel)
+        tail = x[whole:].float()
+        self._sum[: tail.shape[0]].addcmul_(tail, tail)
         self.tokens += x.shape[0]
 
     def finalize(self) -> torch.Tensor:
         """``(in,)`` mean of squares."""
         if self._sum is None or self.tokens == 0:
             raise RuntimeError("SquaredNorms.finalize() before any update()")
-        return self._sum / self.tokens
+        return self._sum.sum(dim=0) / self.tokens
 
 
 class Gram:
