@@ -98,6 +98,7 @@ def prune(
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
     from compress import export, models, pipeline
     from compress.calibration.data import calibration_batches, check_source
+    from compress.checkpoint import load_module
     from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
     _setup_logging(verbose)
@@ -126,11 +127,14 @@ def prune(
         export.check_output(out, overwrite)
         dev = models.resolve_device(device)
         t0 = time.perf_counter()
-        lm, tokenizer = models.load(model, dtype)
+        opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
+        lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
         pipeline.check(lm, recipe)
         if fmt == "compressed-tensors":
             export.check_format(fmt, recipe, lm)
-            if split := pipeline.split_groups(lm, recipe.ignore):
+            prefix = models.decoder_blocks(lm)[0]
+            first = (lambda block: load_module(checkpoint, block, f"{prefix}.0")) if checkpoint else None
+            if split := pipeline.split_groups(lm, recipe.ignore, first):
                 raise ValueError(f"--ignore splits {', '.join(split[0])}, which read one input and are fused by "
                                  f"vLLM: ignore all of them or none")
         max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
@@ -148,28 +152,27 @@ def prune(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     n_blocks = len(models.decoder_blocks(lm)[1])
-    with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
-        def on_block(block_report, _total):
-            bar.set_postfix(err=f"{block_report.mean_error:.4f}")
-            bar.update()
+    with export.atomic_folder(out, overwrite) as tmp:
+        output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe)
+        with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
+            def on_block(block_report, _total):
+                bar.set_postfix(err=f"{block_report.mean_error:.4f}")
+                bar.update()
 
-        report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
-                                              on_block=on_block)
-    metadata = {
-        "source_model": model,
-        "recipe": recipe.to_dict(),
-        "format": fmt,
-        "calibration": manifest.to_dict(),
-        "device": str(dev),
-        "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype),
-        "report": report.to_dict(),
-    }
-    if fmt == "compressed-tensors":
-        export.save_compressed_tensors(lm, tokenizer, out, metadata, report.quantized, recipe, overwrite,
-                                       act_thresholds=report.act_thresholds, gate_space=report.gate_space)
-    else:
-        export.save_dense(lm, tokenizer, out, metadata, overwrite, act_thresholds=report.act_thresholds,
-                          gate_space=report.gate_space)
+            report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
+                                                  on_block=on_block, io=output)
+        metadata = {
+            "source_model": model,
+            "recipe": recipe.to_dict(),
+            "format": fmt,
+            "calibration": manifest.to_dict(),
+            "device": str(dev),
+            "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
+                                            symmetric=recipe.quant is None or recipe.quant.symmetric),
+            "report": report.to_dict(),
+        }
+        output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space)
+    log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
     _print_prune_summary(report, out, metadata["storage"])
 
 

@@ -83,18 +83,6 @@ def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | N
     (tmp / METADATA).write_text(json.dumps({**metadata, "versions": versions()}, indent=2) + "\n")
 
 
-def save_dense(model, tokenizer, out: Path, metadata: dict, overwrite: bool = False,
-               act_thresholds: dict | None = None, gate_space: dict | None = None) -> Path:
-    """Save ``model`` as ordinary safetensors (loads with ``AutoModelForCausalLM``), its tokenizer,
-    ``compression.json`` holding ``metadata`` plus library versions, and the activation thresholds (by linear
-    name, for ``compress.load``) if any. Tied weights stay tied."""
-    with atomic_folder(Path(out), overwrite) as tmp:
-        model.save_pretrained(tmp)
-        _write_extras(tmp, tokenizer, metadata, act_thresholds, gate_space)
-    log.info("wrote %s", out)
-    return Path(out)
-
-
 FORMATS = ("dense", "compressed-tensors", "packed")
 CT_GROUP_SIZES = (32, 64, 128)  # what vLLM's compressed-tensors W4A16/W8A16 kernels take (or per channel)
 CT_BITS = (4, 8)
@@ -135,21 +123,21 @@ def check_format(fmt: str, recipe, model=None) -> None:
                                       f"{type(module).__name__}: use --format dense")
 
 
-def storage_bytes(report, fmt: str, dtype: torch.dtype) -> dict:
-    """Bytes the compressed linears take in ``fmt`` vs the same linears dense in ``dtype`` (the model's)."""
+def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True) -> dict:
+    """Bytes the compressed linears take in ``fmt`` vs the same linears dense in ``dtype`` (the model's);
+    ``symmetric``: quantized without zero points."""
     size = torch.finfo(dtype).bits // 8
     dense = stored = 0
     for layer in report.layers:
         n_out, n_in = layer.shape
         dense += n_out * n_in * size
-        q = report.quantized.get(layer.name)
-        if fmt != "compressed-tensors" or q is None:
+        if fmt != "compressed-tensors" or layer.bits is None:
             stored += n_out * n_in * size
             continue
-        groups = n_in // q.group_size
-        stored += n_out * math.ceil(n_in * q.bits / 32) * 4 + n_out * groups * size + 2 * 8
-        if q.zero is not None:
-            stored += math.ceil(n_out * q.bits / 32) * groups * 4
+        groups = n_in // layer.group_size
+        stored += n_out * math.ceil(n_in * layer.bits / 32) * 4 + n_out * groups * size + 2 * 8
+        if not symmetric:
+            stored += math.ceil(n_out * layer.bits / 32) * groups * 4
     return {"format": fmt, "linears_dense": dense, "linears_stored": stored, "ratio": stored / dense if dense else 1.0}
 
 
@@ -162,25 +150,19 @@ def _weight_args(quant) -> dict:
             "observer": "minmax", "observer_kwargs": {}}
 
 
-def save_compressed_tensors(model, tokenizer, out: Path, metadata: dict, quantized: dict, recipe,
-                            overwrite: bool = False, act_thresholds: dict | None = None,
-                            gate_space: dict | None = None) -> Path:
-    """Save in the compressed-tensors ``pack-quantized`` layout that vLLM and transformers load.
-
-    Every quantized linear ``name`` stores ``name.weight_packed`` (codes packed into int32 along the input
-    dimension), ``name.weight_scale`` ``(out, groups)`` in the model dtype, ``name.weight_shape`` and, when
-    asymmetric, ``name.weight_zero_point`` (packed along the output dimension). Pruned weights are zero
-    codes inside the packed weights; ``sparsity_config`` stays empty (vLLM dropped sparse formats).
+def _ct_tensors(state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with each quantized linear ``name``'s weight replaced by the compressed-tensors
+    ``pack-quantized`` tensors: ``name.weight_packed`` (codes packed into int32 along the input dimension),
+    ``name.weight_scale`` ``(out, groups)`` in the model dtype, ``name.weight_shape`` and, when asymmetric,
+    ``name.weight_zero_point`` (packed along the output dimension). Pruned weights are zero codes inside the
+    packed weights (vLLM dropped sparse formats).
 
     Args:
-        quantized: ``pipeline.Report.quantized``, by full module name.
-        recipe: the ``config.Recipe`` (its quant config describes the scheme).
+        quantized: ``pipeline.QuantizedWeight`` by full module name.
     """
     from compress.kernels.formats import pack_int32
 
-    quant = recipe.quant
-    dtype = next(model.parameters()).dtype
-    state = model.state_dict()
+    state = dict(state)
     for name, q in quantized.items():
         del state[f"{name}.weight"]
         state[f"{name}.weight_packed"] = pack_int32(q.codes, q.bits)
@@ -188,21 +170,96 @@ def save_compressed_tensors(model, tokenizer, out: Path, metadata: dict, quantiz
         state[f"{name}.weight_shape"] = torch.tensor(list(q.codes.shape))
         if q.zero is not None:
             state[f"{name}.weight_zero_point"] = pack_int32(q.zero.to(torch.int8), q.bits, dim=0)
-    unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    return state
+
+
+def _ct_config(model, quantized_names: set[str], recipe) -> dict:
+    """The ``quantization_config`` transformers and vLLM read for compressed-tensors ``pack-quantized``."""
+    unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized_names]
     scheme = {"targets": ["Linear"], "format": "pack-quantized", "input_activations": None, "output_activations": None,
-              "weights": _weight_args(quant)}
-    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-              "config_groups": {"group_0": scheme}, "ignore": unquantized, "kv_cache_scheme": None,
-              "global_compression_ratio": None, "sparsity_config": {}}
-    with atomic_folder(Path(out), overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=state)
-        cfg_path = tmp / "config.json"
-        model_config = json.loads(cfg_path.read_text())
-        model_config["quantization_config"] = config
-        cfg_path.write_text(json.dumps(model_config, indent=2) + "\n")
-        _write_extras(tmp, tokenizer, metadata, act_thresholds, gate_space)
-    log.info("wrote %s (compressed-tensors, pack-quantized)", out)
-    return Path(out)
+              "weights": _weight_args(recipe.quant)}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": scheme}, "ignore": unquantized, "kv_cache_scheme": None,
+            "global_compression_ratio": None, "sparsity_config": {}}
+
+
+class StreamedOutput:
+    """Writes ``compress prune``'s output as the driver goes (a ``pipeline.BlockIO``): each decoder block is
+    read from the source ``checkpoint`` when reached (if the model was opened streamed), written to its own
+    shard when compressed (dense safetensors, or compressed-tensors ``pack-quantized``), then dropped from
+    memory; ``finish`` adds the weights outside the blocks, the index, config, tokenizer and metadata.
+    Neither loading nor saving ever holds the whole model.
+
+    Args:
+        folder: the (temporary) output folder.
+        checkpoint: a ``checkpoint.Checkpoint`` the model's meta-device blocks are read from, or ``None`` for
+            a model in memory.
+        fmt: ``dense`` or ``compressed-tensors``.
+    """
+
+    def __init__(self, model, folder: Path, checkpoint=None, fmt: str = "dense", recipe=None):
+        from compress import models
+        from compress.checkpoint import ShardWriter
+
+        self.prefix, blocks = models.decoder_blocks(model)
+        self.folder = Path(folder)
+        self.writer = ShardWriter(self.folder, len(blocks))
+        self.checkpoint = checkpoint
+        self.fmt = fmt
+        self.recipe = recipe
+        self.dtype = next(iter(model.parameters())).dtype
+        self.quantized_names: set[str] = set()
+
+    def started(self, model) -> None:
+        if self.checkpoint is None:
+            return
+        for name, module in model.named_modules():  # re-read from the checkpoint by ``finish``
+            if name == self.prefix or name.startswith(self.prefix + "."):
+                continue
+            for key, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[key] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    def load(self, index: int, block) -> None:
+        from compress.checkpoint import load_module
+
+        if self.checkpoint is not None:
+            load_module(self.checkpoint, block, f"{self.prefix}.{index}")
+
+    def done(self, index: int, block, quantized: dict) -> None:
+        from compress.checkpoint import release
+
+        state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
+        if self.fmt == "compressed-tensors":
+            state = _ct_tensors(state, quantized, self.dtype)
+            self.quantized_names.update(quantized)
+        self.writer.write(index, state)
+        release(block)
+
+    def finish(self, model, tokenizer, metadata: dict, act_thresholds: dict | None = None,
+               gate_space: dict | None = None) -> None:
+        from compress.checkpoint import materialize
+
+        if self.checkpoint is not None:  # as stored, in the dtype the model was opened with
+            outside = [n for n in self.checkpoint.names() if not n.startswith(self.prefix + ".")]
+            materialize(model, self.checkpoint.read(outside), strict=False)
+            model.tie_weights()
+        state, seen = {}, set()
+        for name, t in model.state_dict().items():
+            if not name.startswith(self.prefix + ".") and (t.device, t.data_ptr()) not in seen:  # tied: stored once
+                seen.add((t.device, t.data_ptr()))
+                state[name] = t.detach().cpu()
+        self.writer.write(self.writer.n_shards - 1, state)
+        self.writer.finish()
+        model.config.save_pretrained(self.folder)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(self.folder)
+        if self.fmt == "compressed-tensors":
+            path = self.folder / "config.json"
+            config = json.loads(path.read_text())
+            config["quantization_config"] = _ct_config(model, self.quantized_names, self.recipe)
+            path.write_text(json.dumps(config, indent=2) + "\n")
+        _write_extras(self.folder, tokenizer, metadata, act_thresholds, gate_space)
 
 
 def read_metadata(folder: Path) -> dict | None:

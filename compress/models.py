@@ -81,6 +81,55 @@ def load(spec: str, dtype: str = "auto"):
     return model, tokenizer
 
 
+def open_streamed(spec: str, dtype: str = "auto"):
+    """Open a local safetensors folder for block-by-block work: the model's module tree on the meta device
+    with only the weights outside its decoder blocks loaded; each block is read when needed
+    (``checkpoint.materialize``) and dropped after (``checkpoint.release``), so memory holds one block.
+
+    Returns:
+        ``(model, tokenizer, checkpoint)``, or ``None`` when ``spec`` is not such a folder or its tensor
+        names are not the model's own (older layouts transformers renames on load): use ``load`` then.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from compress.checkpoint import Checkpoint, materialize, streamable
+
+    path = Path(spec)
+    if spec.endswith(".gguf") or not path.is_dir() or not any(path.glob("*.safetensors")):
+        return None
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "quantization_config", None):
+            return None  # a quantized checkpoint: transformers' loader knows how to read it
+        torch_dtype = DTYPES[dtype] if dtype != "auto" else _config_dtype(config)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelError(f"{spec!r} is not a causal LM: compress needs a model AutoModelForCausalLM loads") from err
+        raise ModelError(f"cannot load {spec!r}: {str(err).splitlines()[0]}") from err
+    model.tie_weights()
+    checkpoint = Checkpoint(path)
+    if not streamable(checkpoint, model):
+        log.info("%s: tensor names differ from the model's; loading it whole", spec)
+        return None
+    prefix, _ = decoder_blocks(model)
+    outside = [n for n in model.state_dict() if not n.startswith(prefix + ".") and n in checkpoint.names()]
+    materialize(model, checkpoint.read(outside), strict=False)
+    model.tie_weights()
+    model.eval()
+    model.config.use_cache = False
+    return model, AutoTokenizer.from_pretrained(path), checkpoint
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+
+
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(prefix, blocks)``: the ModuleList of the model's ``num_hidden_layers`` decoder blocks.
 

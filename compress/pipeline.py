@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -142,12 +142,41 @@ def check(model: nn.Module, recipe: Recipe) -> None:
             raise ValueError(f"--act-sparsity-file names {unknown[0]!r}, not a compressed linear (e.g. {targets[0]})")
 
 
-def split_groups(model: nn.Module, ignore: tuple[str, ...]) -> list[list[str]]:
+class BlockIO(Protocol):
+    """Where the driver's blocks come from and go to when the model is not (all) in memory: e.g. read from a
+    checkpoint when reached, written to an output shard and dropped when done (``export.StreamedOutput``)."""
+
+    def started(self, model: nn.Module) -> None:
+        """The first block's inputs are captured: the weights outside the blocks are no longer needed."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Give block ``index`` its weights (before it is compressed)."""
+
+    def done(self, index: int, block: nn.Module, quantized: dict[str, "QuantizedWeight"]) -> None:
+        """Block ``index`` is compressed; ``quantized`` holds its quantized linears' integer form."""
+
+
+def split_groups(model: nn.Module, ignore: tuple[str, ...], load: Callable[[nn.Module], None] | None = None) -> list[list[str]]:
     """Groups of linears sharing an input (fused by inference engines: q/k/v, gate/up) that ``ignore``
-    splits, i.e. some members ignored and some not; as lists of full names."""
+    splits, i.e. some members ignored and some not; as lists of full names.
+
+    The grouping is probed on the first block and holds for every block: decoder blocks of one model share
+    their code. ``load`` gives a meta-device first block its weights for the probe (dropped after).
+    """
     prefix, blocks = models.decoder_blocks(model)
+    device = next(iter(model.parameters())).device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    probe = capture_block_inputs(model, blocks[0], torch.zeros(1, 8, dtype=torch.long, device=device))
+    if load is not None:
+        load(blocks[0])
+    try:
+        groups, _ = probe_groups(blocks[0], probe, list(models.linears(blocks[0])))
+    finally:
+        if load is not None:
+            blocks[0].to("meta")
     split = []
-    for b, groups in enumerate(input_groups(model, blocks, (), prefix)):
+    for b in range(len(blocks)):
         for group in groups:
             names = [f"{prefix}.{b}.{name}" for name in group]
             ignored = [models.is_ignored(n, ignore) for n in names]
@@ -156,40 +185,29 @@ def split_groups(model: nn.Module, ignore: tuple[str, ...]) -> list[list[str]]:
     return split
 
 
-def input_groups(model: nn.Module, blocks: nn.ModuleList, ignore: tuple[str, ...], prefix: str) -> list[list[list[str]]]:
-    """For each block, its target linears grouped by shared input tensor, groups in execution order.
-
-    Found by one tiny forward (8 tokens) with hooks that note which tensor object each linear reads.
-    """
-    seen: dict[int, list[tuple[int, str, int]]] = {}  # block -> [(call order, name, id(input))]
+def probe_groups(block: nn.Module, probe: BlockInputs, names: list[str]) -> tuple[list[list[str]], BlockInputs]:
+    """Linears ``names`` of ``block`` grouped by the input tensor they read, groups in execution order,
+    found by running the block on the tiny ``probe`` inputs with hooks noting which tensor each linear
+    reads; also the block's output as the next block's probe."""
+    seen: list[tuple[str, int]] = []  # (name, id(input)) in call order
     keep_alive = []  # holds the probed inputs so no id() is reused by a freed tensor mid-probe
-    handles = []
-    for b, block in enumerate(blocks):
-        seen[b] = []
-        for name, linear in models.linears(block).items():
-            if models.is_ignored(f"{prefix}.{b}.{name}", ignore):
-                continue
+    modules = models.linears(block)
 
-            def hook(_m, args, b=b, name=name):
-                if not any(n == name for _, n, _ in seen[b]):
-                    seen[b].append((len(seen[b]), name, id(args[0])))
-                    keep_alive.append(args[0])
+    def hook(_m, args, name):
+        if not any(n == name for n, _ in seen):
+            seen.append((name, id(args[0])))
+            keep_alive.append(args[0])
 
-            handles.append(linear.register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
     try:
-        with torch.inference_mode():
-            model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device), use_cache=False)
+        out = _forward(block, probe)
     finally:
         for h in handles:
             h.remove()
-    groups = []
-    for b in range(len(blocks)):
-        by_input: dict[int, list[str]] = {}
-        for _, name, key in sorted(seen[b]):
-            by_input.setdefault(key, []).append(name)
-        groups.append(list(by_input.values()))
-    return groups
+    by_input: dict[int, list[str]] = {}
+    for name, key in seen:
+        by_input.setdefault(key, []).append(name)
+    return list(by_input.values()), BlockInputs(out, probe.args, probe.kwargs)
 
 
 class _Stop(Exception):
@@ -371,11 +389,13 @@ def compress_sequential(
     error_tokens: int = 4096,
     histogram_tokens: int = 16384,
     on_block: Callable[[BlockReport, int], None] | None = None,
+    io: BlockIO | None = None,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.
 
     Args:
-        model: a causal LM with weights on CPU; each block visits ``device`` while it is compressed.
+        model: a causal LM with weights on CPU (or blocks on the meta device that ``io`` loads); each block
+            visits ``device`` while it is compressed.
         tokens: ``(nsamples, seqlen)`` calibration token ids.
         recipe: what to do to every linear not matched by ``recipe.ignore`` (its ``calib`` is not used).
         chunk_samples: samples per forward chunk (default ``DEFAULT_CHUNK_SAMPLES``); any value gives the
@@ -386,6 +406,8 @@ def compress_sequential(
             k-th token: quantiles of 16k tokens x channels are as good, and the histograms cost ~1 s/block
             per 16k tokens on 2 CPU cores).
         on_block: called after each block with its report and the number of blocks.
+        io: loads each block before and takes it after (then its quantized linears go to ``io``, not the
+            report); without it the model is compressed in memory.
 
     Returns:
         Report with one LayerReport per compressed linear, and the integer form of quantized ones.
@@ -394,26 +416,36 @@ def compress_sequential(
     device = torch.device(device)
     start = time.perf_counter()
     prefix, blocks = models.decoder_blocks(model)
-    groups = input_groups(model, blocks, recipe.ignore, prefix)
     chunks = tokens.split(chunk_samples or DEFAULT_CHUNK_SAMPLES)
     gram_stride = max(1, tokens.numel() // error_tokens)
     hist_stride = max(1, tokens.numel() // histogram_tokens)
     models.move_non_blocks_(model, prefix, device)
     try:
         inputs = [capture_block_inputs(model, blocks[0], chunk.to(device)) for chunk in chunks]
+        probe = capture_block_inputs(model, blocks[0], tokens[:1, :8].to(device))  # finds each block's groups
     finally:
         models.move_non_blocks_(model, prefix, torch.device("cpu"))
+    if io is not None:
+        io.started(model)
     report = Report(recipe=str(recipe))
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
+        if io is not None:
+            io.load(i, block)
         block.to(device)
-        compressor = _BlockCompressor(block, groups[i], recipe, f"{prefix}.{i}", gram_stride, hist_stride)
+        block_name = f"{prefix}.{i}"
+        targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
+        groups, probe = probe_groups(block, probe, targets)
+        compressor = _BlockCompressor(block, groups, recipe, block_name, gram_stride, hist_stride)
         outputs = compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")
+        if io is not None:
+            io.done(i, block, compressor.quantized)
+        else:
+            report.quantized.update(compressor.quantized)
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)
         report.blocks.append(block_report)
-        report.quantized.update(compressor.quantized)
         report.act_thresholds.update(compressor.act_thresholds)
         report.gate_space.update(compressor.gate_space)
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)

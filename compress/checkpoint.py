@@ -1,0 +1,149 @@
+"""Safetensors checkpoints read tensor by tensor, and compressed models written block by block.
+
+Memory is the point. The driver needs one decoder block's weights at a time, so a local safetensors
+checkpoint opens as a module tree on the meta device (``open_streamed``) and each block's tensors are read
+when the driver reaches it, with plain file reads: a memory map would keep every page it ever touched
+resident (and counted) for as long as any tensor of the file lives. A finished block goes straight to its own
+output shard (``ShardWriter``) and leaves memory, so neither loading nor saving ever holds the whole model.
+
+Safetensors layout (the format's spec): an 8-byte little-endian header length, a JSON header mapping each
+tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that follows the
+header), an optional ``"__metadata__"`` string map, then the raw little-endian data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(n)), 8 + n
+
+
+class Checkpoint:
+    """The tensors of a folder's safetensors files (one file, or shards), read on demand into fresh memory."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{str(self.folder)!r} holds no .safetensors files")
+        index = self.folder / INDEX_FILE
+        if index.is_file():  # the shards the index names, not stray files that happen to sit there
+            files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        self.entries: dict[str, _Entry] = {}
+        for file in files:
+            header, start = read_header(file)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self.entries[name] = _Entry(file, DTYPES[info["dtype"]], tuple(info["shape"]), start + begin, start + end)
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Read tensors ``names`` (floating ones cast to ``dtype`` if given), each file opened once."""
+        out = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.entries[name].file, []).append(name)
+        for file, file_names in by_file.items():
+            with open(file, "rb", buffering=0) as fh:
+                for name in sorted(file_names, key=lambda n: self.entries[n].begin):
+                    e = self.entries[name]
+                    t = torch.empty(e.shape, dtype=e.dtype)
+                    if t.numel():
+                        fh.seek(e.begin)
+                        if fh.readinto(t.view(-1).view(torch.uint8).numpy()) != e.end - e.begin:
+                            raise OSError(f"{file}: truncated data for tensor {name!r}")
+                    out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
+
+
+def load_module(checkpoint: Checkpoint, module: nn.Module, prefix: str) -> None:
+    """Read meta-device ``module``'s weights, stored under ``prefix.<name>``, from ``checkpoint``."""
+    names = {f"{prefix}.{n}": n for n in module.state_dict()}
+    materialize(module, {names[n]: t for n, t in checkpoint.read(names).items()})
+
+
+def streamable(checkpoint: Checkpoint, model: nn.Module) -> bool:
+    """Whether the checkpoint holds every parameter and persistent buffer of ``model`` under its own name
+    (tied weights may be stored once), so blocks can be read by name."""
+    names = checkpoint.names()
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return all(n in names or n in tied for n in model.state_dict())
+
+
+def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Give a meta-device ``module`` the weights ``tensors`` (by name relative to ``module``; floating ones
+    cast to the dtype the module declares); with ``strict``, every parameter and persistent buffer."""
+    declared = module.state_dict()
+    tensors = {n: t.to(declared[n].dtype) if t.is_floating_point() and n in declared else t for n, t in tensors.items()}
+    module.load_state_dict(tensors, assign=True, strict=strict)
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s weights (to the meta device): its memory returns to the allocator."""
+    module.to("meta")
+
+
+class ShardWriter:
+    """Writes a model as one safetensors shard per decoder block plus one for the rest, with the index
+    transformers reads (``model.safetensors.index.json``). Each shard is written under a temporary name
+    and renamed, so a shard that exists is complete."""
+
+    def __init__(self, folder: Path, n_blocks: int):
+        self.folder = Path(folder)
+        self.n_shards = n_blocks + 1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def shard_name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard ``k`` (block ``k``; ``n_blocks`` for the tensors outside the blocks)."""
+        from safetensors.torch import save_file
+
+        name = self.shard_name(k)
+        tmp = self.folder / f".{name}.partial"
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.folder / name)
+        for n, t in tensors.items():
+            self.weight_map[n] = name
+            self.total_size += t.numel() * t.element_size()
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
