@@ -164,12 +164,13 @@ def _ct_tensors(state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dt
 
     state = dict(state)
     for name, q in quantized.items():
+        grid = q.grid
         del state[f"{name}.weight"]
-        state[f"{name}.weight_packed"] = pack_int32(q.codes, q.bits)
-        state[f"{name}.weight_scale"] = q.scale.to(dtype)
+        state[f"{name}.weight_packed"] = pack_int32(q.codes, grid.bits)
+        state[f"{name}.weight_scale"] = grid.scale.to(dtype)
         state[f"{name}.weight_shape"] = torch.tensor(list(q.codes.shape))
-        if q.zero is not None:
-            state[f"{name}.weight_zero_point"] = pack_int32(q.zero.to(torch.int8), q.bits, dim=0)
+        if grid.zero is not None:
+            state[f"{name}.weight_zero_point"] = pack_int32(grid.zero.to(torch.int8), grid.bits, dim=0)
     return state
 
 

@@ -31,6 +31,7 @@ from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Recipe
 from compress.prune import InputStats, get
+from compress.quant.grid import QuantGrid
 from compress.weights import compress_weight, needs_hessian
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,10 @@ class LayerReport:
 
 @dataclass
 class QuantizedWeight:
-    """Integer form of a quantized linear, for compressed exports: ``W = (codes - zero) * scale``."""
+    """Integer form of a quantized linear, for compressed exports: ``W = grid.decode(codes)``."""
 
     codes: torch.Tensor  # (out, in) int8
-    scale: torch.Tensor  # (out, groups) fp32
-    zero: torch.Tensor | None  # (out, groups) fp32 integer codes, None if symmetric
-    bits: int
-    group_size: int
+    grid: QuantGrid
 
 
 @dataclass
@@ -348,7 +346,7 @@ class _BlockCompressor:
             full = f"{self.block_name}.{name}"
             grid = result.grid
             if grid is not None:
-                self.quantized[full] = QuantizedWeight(result.codes, grid.scale, grid.zero, grid.bits, grid.group_size)
+                self.quantized[full] = QuantizedWeight(result.codes, grid)
             self.reports.append(LayerReport(
                 name=full,
                 shape=tuple(W.shape),

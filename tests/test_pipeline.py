@@ -112,5 +112,6 @@ def test_every_family_quantizes_each_row_group_onto_its_grid(family):
         W = models.weight_view(lin)  # (out, in), also for GPT-2's transposed Conv1D
         q = report.quantized[name]
         assert q.codes.shape == W.shape
-        torch.testing.assert_close(W, (q.codes.float() - q.zero.repeat_interleave(16, 1)) * q.scale.repeat_interleave(16, 1))
+        torch.testing.assert_close(W, q.grid.decode(q.codes))
+        torch.testing.assert_close(W, (q.codes.float() - q.grid.zero.repeat_interleave(16, 1)) * q.grid.scale.repeat_interleave(16, 1))
         assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all(), name
