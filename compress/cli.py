@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -361,26 +360,14 @@ def info(
                    f"calibration {meta['calibration']}")
 
 
-def _return_freed_memory_to_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB for this process.
-
-    glibc serves blocks below a *dynamic* threshold (it climbs to 32 MiB) from per-thread heaps and keeps
-    them when freed. The chunked block forward frees gigabytes of same-shaped activations per block, and
-    the heaps fragment: peak RSS on SmolLM2-135M was 4.4 GiB for a 1.55 GiB live set. A fixed threshold
-    hands such blocks back to the kernel when freed (costs page faults, about 20% of the forward's time).
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            log.debug("not glibc: allocator left as it is")
-
-
 def main() -> None:
+    """Run the app as is (the ``compress`` command enters through ``compress.launch``, which picks the
+    memory allocator first)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _return_freed_memory_to_os()
     app()
 
 
 if __name__ == "__main__":
-    main()
+    from compress.launch import main as launch
+
+    launch()

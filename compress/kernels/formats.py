@@ -11,6 +11,7 @@ it needs are kept: ``ceil(n·b / 32)`` words for ``n`` codes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -53,3 +54,137 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: i
     stream = (words.reshape(rows, runs, bits, 1) >> torch.arange(32, device=packed.device)) & 1  # (rows, runs, bits, 32)
     codes = (stream.reshape(rows, runs, 32, bits) << torch.arange(bits, device=packed.device)).sum(-1)
     return (codes.reshape(rows, runs * 32)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
+
+
+# --- The project's own kernels' layouts -------------------------------------------------------------------
+#
+# Quantized weights are stored as unsigned codes ``u = code - qmin`` (4 bits: 0..15) with, per output row and
+# input group, a scale ``s`` and an unsigned zero point ``zu = zero - qmin`` (8 when symmetric), so that
+# ``W[r, i] = (u[r, i] - zu[r, g(i)]) * s[r, g(i)]``. Rows are interleaved in tiles of ``TILE`` = 16 (one
+# AVX-512 register of fp32 lanes, two AVX2 registers): a tile's 16 rows are read together, each byte holding
+# one nibble of each of two inputs of one row, so the kernel multiplies 16 rows by one broadcast input at a
+# time and never reduces across lanes. Rows are zero-padded to a multiple of 16.
+
+TILE = 16
+
+
+def _tiles(t: torch.Tensor) -> torch.Tensor:
+    """``(rows, ...)`` -> ``(ceil(rows/16), ..., 16)``: rows zero-padded, then interleaved tile by tile."""
+    rows = t.shape[0]
+    pad = -rows % TILE
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+    t = t.reshape(-1, TILE, *t.shape[1:])
+    return t.movedim(1, -1).contiguous()
+
+
+def _untile(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.movedim(-1, 1).reshape(-1, *t.shape[1:-1])[:rows]
+
+
+def _unsigned_zero(grid_zero: torch.Tensor | None, bits: int) -> torch.Tensor | None:
+    """``zero - qmin`` in tiles, or ``None`` for a symmetric grid (whose unsigned zero is ``2^(bits-1)``)."""
+    return None if grid_zero is None else _tiles(grid_zero.float() + (1 << (bits - 1)))
+
+
+def _zero_or_default(zero: torch.Tensor | None, scale: torch.Tensor, rows: int, repeat: int) -> torch.Tensor:
+    z = _untile(zero, rows) if zero is not None else torch.full_like(_untile(scale, rows), 8.0)
+    return z.repeat_interleave(repeat, dim=1)
+
+
+@dataclass
+class Q4Dense:
+    """Dense 4-bit group-quantized weights in 16-row tiles.
+
+    Attributes:
+        data: ``(tiles, in/2, 16)`` uint8: byte ``[t, j, r]`` = ``u[16t+r, 2j] | u[16t+r, 2j+1] << 4``.
+        scale, zero: ``(tiles, groups, 16)`` fp32 scales and unsigned zero points (``zero`` is ``None`` when
+            symmetric: 8 everywhere).
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    group_size: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> "Q4Dense":
+        """From signed 4-bit ``codes`` ``(out, in)`` and a grid's ``scale``/``zero`` ``(out, groups)``."""
+        out, n_in = codes.shape
+        if n_in % 2 or n_in % group_size:
+            raise ValueError(f"Q4Dense needs in_features divisible by 2 and by the group size {group_size}, got {n_in}")
+        u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (out, in) 0..15
+        data = u[:, 0::2] | (u[:, 1::2] << 4)  # (out, in/2)
+        return cls(_tiles(data), _tiles(scale.float()), _unsigned_zero(zero, 4), (out, n_in), group_size)
+
+    def unpack(self) -> torch.Tensor:
+        """fp32 ``(out, in)`` weights."""
+        data = _untile(self.data, self.shape[0])
+        u = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(self.shape[0], -1).float()
+        zero = _zero_or_default(self.zero, self.scale, self.shape[0], self.group_size)
+        return (u - zero) * _untile(self.scale, self.shape[0]).repeat_interleave(self.group_size, dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+
+@dataclass
+class Q4Sparse24:
+    """2:4-sparse 4-bit group-quantized weights in 16-row tiles: per row and run of 4 inputs, the two kept
+    codes and their two positions (2 bits each): 3 bits per input instead of 4.
+
+    Attributes:
+        data: ``(tiles, in/4, 16)`` uint8: the two kept codes of run ``k`` of row ``16t+r``, first in the low
+            nibble (the smaller position first; a run with fewer than two non-zeros keeps zeros).
+        pos: ``(tiles, in/8, 16)`` uint8: byte ``[t, j, r]`` = positions of runs ``2j`` (low nibble) and
+            ``2j+1`` (high nibble), each nibble ``p0 | p1 << 2`` with ``p0 < p1`` in 0..3.
+        scale, zero: ``(tiles, groups, 16)`` fp32, as in ``Q4Dense``.
+    """
+
+    data: torch.Tensor
+    pos: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    group_size: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> "Q4Sparse24":
+        """From signed 4-bit ``codes`` ``(out, in)`` whose dequantized weights are 2:4 sparse."""
+        out, n_in = codes.shape
+        if n_in % 8 or n_in % group_size or group_size % 4:
+            raise ValueError(f"Q4Sparse24 needs in_features divisible by 8 and the group size {group_size} "
+                             f"(itself divisible by 4), got {n_in}")
+        zu = (zero.float() + 8 if zero is not None else torch.full_like(scale, 8.0)).repeat_interleave(group_size, dim=1)
+        u = codes.to(torch.int16) + 8  # (out, in) 0..15
+        nonzero = (u.float() != zu).reshape(out, -1, 4)  # (out, runs, 4)
+        if int(nonzero.sum(-1).max()) > 2:
+            raise ValueError("Q4Sparse24 needs at most 2 non-zero weights in every 4 consecutive inputs")
+        # the two kept positions of every run: non-zeros first (stable), padded with zero-valued positions
+        order = torch.sort((~nonzero).to(torch.int8), dim=-1, stable=True).indices[..., :2]  # (out, runs, 2)
+        p0, p1 = order.min(-1).values, order.max(-1).values
+        runs = u.reshape(out, -1, 4)
+        u0, u1 = runs.gather(-1, p0[..., None])[..., 0], runs.gather(-1, p1[..., None])[..., 0]
+        data = (u0 | (u1 << 4)).to(torch.uint8)  # (out, runs)
+        code = (p0 | (p1 << 2)).to(torch.uint8)  # (out, runs) 4 bits
+        pos = code[:, 0::2] | (code[:, 1::2] << 4)  # (out, runs/2)
+        return cls(_tiles(data), _tiles(pos), _tiles(scale.float()), _unsigned_zero(zero, 4), (out, n_in), group_size)
+
+    def unpack(self) -> torch.Tensor:
+        """fp32 ``(out, in)`` weights (pruned positions exactly zero)."""
+        out, n_in = self.shape
+        data, pos = _untile(self.data, out), _untile(self.pos, out)
+        code = torch.stack([pos & 0xF, pos >> 4], dim=-1).reshape(out, -1).long()  # (out, runs)
+        p0, p1 = code & 3, code >> 2
+        zu = _zero_or_default(self.zero, self.scale, out, self.group_size // 4)  # (out, runs)
+        s = _untile(self.scale, out).repeat_interleave(self.group_size, dim=1)
+        runs = zu[..., None].repeat(1, 1, 4)  # unkept positions decode to exactly 0
+        runs.scatter_(-1, p0[..., None], (data & 0xF).float()[..., None])
+        runs.scatter_(-1, p1[..., None], (data >> 4).float()[..., None])
+        return (runs - zu[..., None]).reshape(out, n_in) * s
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.pos, self.scale, self.zero) if t is not None)

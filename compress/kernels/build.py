@@ -1,0 +1,56 @@
+"""Build the C++ kernels on first use (``torch.utils.cpp_extension``, ninja) into a cache folder, and load them.
+
+The build takes a minute once per machine and torch version; later runs load the cached library. Without a
+C++ compiler (or when the build fails) ``ops()`` returns ``None`` after one warning, and callers use the
+pure-torch reference in ``kernels.reference``. ``COMPRESS_KERNELS=reference`` skips the extension on purpose.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "cpu" / "kernels.cpp"]
+NAME = "compress_kernels"
+
+
+def cache_dir() -> Path:
+    """``$COMPRESS_CACHE`` or ``~/.cache/compress``, then ``kernels/<torch version>-<source hash>``."""
+    root = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
+    return root / "kernels" / f"torch-{torch.__version__}-{digest}"
+
+
+@functools.lru_cache(maxsize=1)
+def ops():
+    """``torch.ops.compress_kernels`` (building it if needed), or ``None`` when it cannot be built."""
+    if os.environ.get("COMPRESS_KERNELS") == "reference":
+        return None
+    if hasattr(torch.ops, NAME) and hasattr(getattr(torch.ops, NAME), "isa"):
+        return getattr(torch.ops, NAME)
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            raise RuntimeError("no C++ compiler (c++) on PATH")
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        built = any(folder.glob(f"{NAME}*.so"))
+        if not built:
+            log.info("compiling compress's CPU kernels into %s (once per machine and torch version, about a minute)", folder)
+        cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], build_directory=str(folder),
+                           extra_cflags=["-O3"], is_python_module=False, verbose=False)
+    except Exception as err:  # noqa: BLE001 - any build failure means: use the reference path
+        warnings.warn(f"compress's CPU kernels are unavailable ({str(err).splitlines()[0][:200]}); "
+                      "using the slower pure-torch reference", RuntimeWarning, stacklevel=2)
+        return None
+    return getattr(torch.ops, NAME)

@@ -1,0 +1,459 @@
+// The project's CPU kernels: batch-1..16 matrix-vector products with packed weights (decode's hot loop).
+//
+// Layouts are defined in compress/kernels/formats.py (the only place that knows them); in short:
+//   q4_dense:    16-row tiles; byte [t, j, r] holds nibbles u[16t+r, 2j] (low) and u[16t+r, 2j+1] (high);
+//                W[r, i] = (u - zero[r, g]) * scale[r, g], zero = 8 when symmetric (no zero tensor).
+//   q4_sparse24: 16-row tiles; per run of 4 inputs, byte [t, k, r] holds the two kept nibbles and a 4-bit
+//                position code p0 | p1 << 2 (two runs per byte of `pos`); unkept weights are zero.
+//   act_sparse:  input-major fp32 or bf16 W^T (in, out): only the rows of inputs that are non-zero are read.
+//
+// Each kernel has an AVX-512 path, an AVX2+FMA path and a portable one, chosen at run time from what the
+// CPU reports (functions are compiled per target with GCC/Clang target attributes). Work is split over
+// 16-row tiles (or output ranges) with at::parallel_for, so torch.set_num_threads governs it.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 16;
+constexpr int64_t MAX_BATCH = 16;
+
+enum class Isa { portable, avx2, avx512 };
+
+Isa detect() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::portable;
+}
+
+Isa& chosen() {
+  static Isa isa = detect();
+  return isa;
+}
+
+// Arguments shared by the quantized kernels; pointers into contiguous tensors.
+struct QArgs {
+  const float* x;      // (batch, in)
+  float* y;            // (batch, out)
+  const uint8_t* data;
+  const uint8_t* pos;  // q4_sparse24 only
+  const float* scale;  // (tiles, groups, 16)
+  const float* zero;   // (tiles, groups, 16) or nullptr (symmetric: 8)
+  const float* xsum;   // (batch, groups) sums of x per group (q4_dense)
+  int64_t batch, in, out, group;
+};
+
+inline void store_tile(const QArgs& a, int64_t t, int64_t b, const float* lanes) {
+  const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
+  std::memcpy(a.y + b * a.out + t * TILE, lanes, rows * sizeof(float));
+}
+
+// ---------------------------------------------------------------- q4_dense
+void q4_dense_portable(const QArgs& a, int64_t t0, int64_t t1) {
+  const int64_t groups = a.in / a.group, half = a.in / 2;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      float y[TILE] = {0};
+      const float* x = a.x + b * a.in;
+      for (int64_t g = 0; g < groups; ++g) {
+        float acc[TILE] = {0};
+        for (int64_t j = g * a.group / 2; j < (g + 1) * a.group / 2; ++j) {
+          const uint8_t* d = a.data + (t * half + j) * TILE;
+          for (int r = 0; r < TILE; ++r) acc[r] += (d[r] & 15) * x[2 * j] + (d[r] >> 4) * x[2 * j + 1];
+        }
+        const float* s = a.scale + (t * groups + g) * TILE;
+        const float* z = a.zero ? a.zero + (t * groups + g) * TILE : nullptr;
+        for (int r = 0; r < TILE; ++r) y[r] += s[r] * (acc[r] - (z ? z[r] : 8.f) * a.xsum[b * groups + g]);
+      }
+      store_tile(a, t, b, y);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void q4_dense_avx2(const QArgs& a, int64_t t0, int64_t t1) {
+  const int64_t groups = a.in / a.group, half = a.in / 2;
+  const __m256i low = _mm256_set1_epi32(15);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const float* x = a.x + b * a.in;
+      __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+        for (int64_t j = g * a.group / 2; j < (g + 1) * a.group / 2; ++j) {
+          const uint8_t* d = a.data + (t * half + j) * TILE;
+          const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)d));
+          const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(d + 8)));
+          const __m256 xe = _mm256_broadcast_ss(x + 2 * j), xo = _mm256_broadcast_ss(x + 2 * j + 1);
+          a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), xe, a0);
+          a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), xe, a1);
+          c0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), xo, c0);
+          c1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), xo, c1);
+        }
+        const float* s = a.scale + (t * groups + g) * TILE;
+        const __m256 xs = _mm256_set1_ps(a.xsum[b * groups + g]);
+        const __m256 z0 = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm256_set1_ps(8.f);
+        const __m256 z1 = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE + 8) : _mm256_set1_ps(8.f);
+        y0 = _mm256_fmadd_ps(_mm256_loadu_ps(s), _mm256_fnmadd_ps(z0, xs, _mm256_add_ps(a0, c0)), y0);
+        y1 = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8), _mm256_fnmadd_ps(z1, xs, _mm256_add_ps(a1, c1)), y1);
+      }
+      float lanes[TILE];
+      _mm256_storeu_ps(lanes, y0);
+      _mm256_storeu_ps(lanes + 8, y1);
+      store_tile(a, t, b, lanes);
+    }
+  }
+}
+
+// Batch rows are processed B at a time (B accumulators kept in registers), each decoded weight reused B times.
+template <int B>
+__attribute__((target("avx512f,avx512bw"))) void q4_dense_avx512_rows(const QArgs& a, int64_t t, int64_t b0) {
+  const int64_t groups = a.in / a.group, half = a.in / 2;
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 y[B];
+  for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    // four independent accumulators per batch row (even/odd input of two byte rows) hide the FMA latency
+    __m512 ae[B], ao[B], be[B], bo[B];
+    for (int b = 0; b < B; ++b) ae[b] = ao[b] = be[b] = bo[b] = _mm512_setzero_ps();
+    const uint8_t* d = a.data + (t * half + g * a.group / 2) * TILE;
+    const float* x = a.x + b0 * a.in + g * a.group;
+    for (int64_t j = 0; j < a.group / 2; j += 2, d += 2 * TILE) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)d));
+      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(d + TILE)));
+      const __m512 ve = _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), vo = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      const __m512 ue = _mm512_cvtepi32_ps(_mm512_and_si512(u, low)), uo = _mm512_cvtepi32_ps(_mm512_srli_epi32(u, 4));
+      for (int b = 0; b < B; ++b) {
+        const float* xb = x + b * a.in + 2 * j;
+        ae[b] = _mm512_fmadd_ps(ve, _mm512_set1_ps(xb[0]), ae[b]);
+        ao[b] = _mm512_fmadd_ps(vo, _mm512_set1_ps(xb[1]), ao[b]);
+        be[b] = _mm512_fmadd_ps(ue, _mm512_set1_ps(xb[2]), be[b]);
+        bo[b] = _mm512_fmadd_ps(uo, _mm512_set1_ps(xb[3]), bo[b]);
+      }
+    }
+    for (int b = 0; b < B; ++b) ae[b] = _mm512_add_ps(_mm512_add_ps(ae[b], be[b]), _mm512_add_ps(ao[b], bo[b]));
+    const __m512 s = _mm512_loadu_ps(a.scale + (t * groups + g) * TILE);
+    const __m512 z = a.zero ? _mm512_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm512_set1_ps(8.f);
+    for (int b = 0; b < B; ++b) {
+      const __m512 xs = _mm512_set1_ps(a.xsum[(b0 + b) * groups + g]);
+      y[b] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, ae[b]), y[b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    float lanes[TILE];
+    _mm512_storeu_ps(lanes, y[b]);
+    store_tile(a, t, b0 + b, lanes);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void q4_dense_avx512(const QArgs& a, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t b = 0;
+    for (; b + 4 <= a.batch; b += 4) q4_dense_avx512_rows<4>(a, t, b);
+    for (; b + 2 <= a.batch; b += 2) q4_dense_avx512_rows<2>(a, t, b);
+    for (; b < a.batch; ++b) q4_dense_avx512_rows<1>(a, t, b);
+  }
+}
+
+// ---------------------------------------------------------------- q4_sparse24
+void q4_sparse24_portable(const QArgs& a, int64_t t0, int64_t t1) {
+  const int64_t groups = a.in / a.group, runs = a.in / 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      float y[TILE] = {0};
+      const float* x = a.x + b * a.in;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* s = a.scale + (t * groups + g) * TILE;
+        const float* z = a.zero ? a.zero + (t * groups + g) * TILE : nullptr;
+        float acc[TILE] = {0};
+        for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; ++k) {
+          const uint8_t* d = a.data + (t * runs + k) * TILE;
+          const uint8_t* p = a.pos + (t * (runs / 2) + k / 2) * TILE;
+          for (int r = 0; r < TILE; ++r) {
+            const int code = (p[r] >> (4 * (k & 1))) & 15;
+            const float zr = z ? z[r] : 8.f;
+            acc[r] += ((d[r] & 15) - zr) * x[4 * k + (code & 3)] + ((d[r] >> 4) - zr) * x[4 * k + (code >> 2)];
+          }
+        }
+        for (int r = 0; r < TILE; ++r) y[r] += s[r] * acc[r];
+      }
+      store_tile(a, t, b, y);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void q4_sparse24_avx2(const QArgs& a, int64_t t0, int64_t t1) {
+  const int64_t groups = a.in / a.group, runs = a.in / 4;
+  const __m256i low = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3), four = _mm256_set1_epi32(4);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      const float* x = a.x + b * a.in;
+      __m256 y[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int h = 0; h < 2; ++h) {  // the tile's two halves of 8 rows
+          const __m256 z = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE + 8 * h) : _mm256_set1_ps(8.f);
+          __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+          for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 2) {  // 8 inputs: runs k, k+1
+            const __m256 xv = _mm256_loadu_ps(x + 4 * k);
+            const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.pos + (t * (runs / 2) + k / 2) * TILE + 8 * h)));
+            for (int q = 0; q < 2; ++q) {
+              const __m256i code = _mm256_and_si256(_mm256_srli_epi32(p, 4 * q), low);
+              const __m256i base = q ? four : _mm256_setzero_si256();
+              const __m256i i0 = _mm256_add_epi32(_mm256_and_si256(code, three), base);
+              const __m256i i1 = _mm256_add_epi32(_mm256_srli_epi32(code, 2), base);
+              const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.data + (t * runs + k + q) * TILE + 8 * h)));
+              const __m256 w0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), z);
+              const __m256 w1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), z);
+              acc0 = _mm256_fmadd_ps(w0, _mm256_permutevar8x32_ps(xv, i0), acc0);
+              acc1 = _mm256_fmadd_ps(w1, _mm256_permutevar8x32_ps(xv, i1), acc1);
+            }
+          }
+          const __m256 s = _mm256_loadu_ps(a.scale + (t * groups + g) * TILE + 8 * h);
+          y[h] = _mm256_fmadd_ps(s, _mm256_add_ps(acc0, acc1), y[h]);
+        }
+      }
+      float lanes[TILE];
+      _mm256_storeu_ps(lanes, y[0]);
+      _mm256_storeu_ps(lanes + 8, y[1]);
+      store_tile(a, t, b, lanes);
+    }
+  }
+}
+
+template <int B>
+__attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512_rows(const QArgs& a, int64_t t, int64_t b0) {
+  const int64_t groups = a.in / a.group, runs = a.in / 4;
+  const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
+  __m512 y[B];
+  for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 z = a.zero ? _mm512_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm512_set1_ps(8.f);
+    __m512 acc0[B], acc1[B];
+    for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
+    for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 4) {  // 16 inputs: runs k..k+3
+      __m512 xv[B];
+      for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(a.x + (b0 + b) * a.in + 4 * k);
+      for (int pr = 0; pr < 2; ++pr) {
+        const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.pos + (t * (runs / 2) + k / 2 + pr) * TILE)));
+        for (int q = 0; q < 2; ++q) {
+          const int run = 2 * pr + q;  // run k + run of these 16 inputs
+          const __m512i code = _mm512_and_si512(_mm512_srli_epi32(p, 4 * q), low);
+          const __m512i base = _mm512_set1_epi32(4 * run);
+          const __m512i i0 = _mm512_add_epi32(_mm512_and_si512(code, three), base);
+          const __m512i i1 = _mm512_add_epi32(_mm512_srli_epi32(code, 2), base);
+          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.data + (t * runs + k + run) * TILE)));
+          const __m512 w0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(d, low)), z);
+          const __m512 w1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4)), z);
+          for (int b = 0; b < B; ++b) {
+            acc0[b] = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(i0, xv[b]), acc0[b]);
+            acc1[b] = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(i1, xv[b]), acc1[b]);
+          }
+        }
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(a.scale + (t * groups + g) * TILE);
+    for (int b = 0; b < B; ++b) y[b] = _mm512_fmadd_ps(s, _mm512_add_ps(acc0[b], acc1[b]), y[b]);
+  }
+  for (int b = 0; b < B; ++b) {
+    float lanes[TILE];
+    _mm512_storeu_ps(lanes, y[b]);
+    store_tile(a, t, b0 + b, lanes);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512(const QArgs& a, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t b = 0;
+    for (; b + 4 <= a.batch; b += 4) q4_sparse24_avx512_rows<4>(a, t, b);
+    for (; b + 2 <= a.batch; b += 2) q4_sparse24_avx512_rows<2>(a, t, b);
+    for (; b < a.batch; ++b) q4_sparse24_avx512_rows<1>(a, t, b);
+  }
+}
+
+// ---------------------------------------------------------------- act_sparse (input-major W^T)
+// y[b, o0:o1] += x[b, i] * WT[i, o0:o1] over the inputs i that are non-zero in some batch row.
+template <typename W>
+inline float widen(W w);
+template <>
+inline float widen<float>(float w) { return w; }
+template <>
+inline float widen<uint16_t>(uint16_t w) {
+  uint32_t bits = uint32_t(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <typename W>
+void act_sparse_portable(const float* x, const W* wt, float* y, const int64_t* idx, int64_t n_idx, int64_t batch,
+                         int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  for (int64_t n = 0; n < n_idx; ++n) {
+    const int64_t i = idx[n];
+    const W* row = wt + i * out;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float v = x[b * in + i];
+      float* yb = y + b * out;
+      for (int64_t o = o0; o < o1; ++o) yb[o] += v * widen(row[o]);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f,avx512bw"))) inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// Four inputs per pass over the output range: y is read and written once per four weight rows.
+template <typename W>
+__attribute__((target("avx512f,avx512bw"))) void act_sparse_avx512(const float* x, const W* wt, float* y, const int64_t* idx,
+                                                                   int64_t n_idx, int64_t batch, int64_t in, int64_t out,
+                                                                   int64_t o0, int64_t o1) {
+  const int64_t vec_end = o0 + (o1 - o0) / 16 * 16;
+  int64_t n = 0;
+  for (; n + 4 <= n_idx; n += 4) {
+    const W* r0 = wt + idx[n] * out;
+    const W* r1 = wt + idx[n + 1] * out;
+    const W* r2 = wt + idx[n + 2] * out;
+    const W* r3 = wt + idx[n + 3] * out;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * in;
+      const __m512 v0 = _mm512_set1_ps(xb[idx[n]]), v1 = _mm512_set1_ps(xb[idx[n + 1]]);
+      const __m512 v2 = _mm512_set1_ps(xb[idx[n + 2]]), v3 = _mm512_set1_ps(xb[idx[n + 3]]);
+      float* yb = y + b * out;
+      for (int64_t o = o0; o < vec_end; o += 16) {
+        __m512 acc = _mm512_loadu_ps(yb + o);
+        acc = _mm512_fmadd_ps(v0, load16(r0 + o), acc);
+        acc = _mm512_fmadd_ps(v1, load16(r1 + o), acc);
+        acc = _mm512_fmadd_ps(v2, load16(r2 + o), acc);
+        acc = _mm512_fmadd_ps(v3, load16(r3 + o), acc);
+        _mm512_storeu_ps(yb + o, acc);
+      }
+    }
+    if (vec_end < o1) act_sparse_portable(x, wt, y, idx + n, 4, batch, in, out, vec_end, o1);
+  }
+  for (; n < n_idx; ++n) {
+    const W* r0 = wt + idx[n] * out;
+    for (int64_t b = 0; b < batch; ++b) {
+      const __m512 v0 = _mm512_set1_ps(x[b * in + idx[n]]);
+      float* yb = y + b * out;
+      for (int64_t o = o0; o < vec_end; o += 16) _mm512_storeu_ps(yb + o, _mm512_fmadd_ps(v0, load16(r0 + o), _mm512_loadu_ps(yb + o)));
+    }
+    if (vec_end < o1) act_sparse_portable(x, wt, y, idx + n, 1, batch, in, out, vec_end, o1);
+  }
+}
+
+// ---------------------------------------------------------------- entry points
+void check_x(const at::Tensor& x, int64_t in) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x must be (batch, ", in, "), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), "x must be contiguous fp32 on CPU");
+  TORCH_CHECK(x.size(0) <= MAX_BATCH, "batch ", x.size(0), " > ", MAX_BATCH, ": use the reference path");
+}
+
+QArgs q_args(const at::Tensor& x, at::Tensor& y, const at::Tensor& data, const at::Tensor& scale,
+             const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous(), "packed data must be contiguous uint8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous fp32");
+  if (zero) TORCH_CHECK(zero->scalar_type() == at::kFloat && zero->is_contiguous() && zero->sizes() == scale.sizes(), "zero must match scale");
+  QArgs a{};
+  a.x = x.data_ptr<float>();
+  a.y = y.data_ptr<float>();
+  a.data = data.data_ptr<uint8_t>();
+  a.scale = scale.data_ptr<float>();
+  a.zero = zero ? zero->data_ptr<float>() : nullptr;
+  a.batch = x.size(0);
+  a.in = x.size(1);
+  a.out = out;
+  a.group = group;
+  TORCH_CHECK(scale.size(0) * TILE >= out && scale.size(1) * group == a.in, "scale shape ", scale.sizes(), " does not fit");
+  return a;
+}
+
+at::Tensor q4_dense_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+  check_x(x, data.size(1) * 2);
+  TORCH_CHECK(group % 4 == 0, "q4_dense kernels take group sizes divisible by 4, got ", group);
+  at::Tensor y = at::empty({x.size(0), out}, x.options());
+  at::Tensor xsum = x.view({x.size(0), -1, group}).sum(-1).contiguous();  // (batch, groups)
+  QArgs a = q_args(x, y, data, scale, zero, out, group);
+  a.xsum = xsum.data_ptr<float>();
+  const Isa isa = chosen();
+  at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
+    if (isa == Isa::avx512) q4_dense_avx512(a, t0, t1);
+    else if (isa == Isa::avx2) q4_dense_avx2(a, t0, t1);
+    else q4_dense_portable(a, t0, t1);
+  });
+  return y;
+}
+
+at::Tensor q4_sparse24_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& pos, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+  check_x(x, data.size(1) * 4);
+  TORCH_CHECK(group % 16 == 0, "q4_sparse24 kernels take group sizes divisible by 16, got ", group);
+  TORCH_CHECK(pos.scalar_type() == at::kByte && pos.is_contiguous() && pos.size(1) * 2 == data.size(1), "pos does not match data");
+  at::Tensor y = at::empty({x.size(0), out}, x.options());
+  QArgs a = q_args(x, y, data, scale, zero, out, group);
+  a.pos = pos.data_ptr<uint8_t>();
+  const Isa isa = chosen();
+  at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
+    if (isa == Isa::avx512) q4_sparse24_avx512(a, t0, t1);
+    else if (isa == Isa::avx2) q4_sparse24_avx2(a, t0, t1);
+    else q4_sparse24_portable(a, t0, t1);
+  });
+  return y;
+}
+
+at::Tensor act_sparse_mm(const at::Tensor& x, const at::Tensor& wt) {
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "wt must be contiguous (in, out)");
+  TORCH_CHECK(wt.scalar_type() == at::kFloat || wt.scalar_type() == at::kBFloat16, "wt must be fp32 or bf16");
+  check_x(x, wt.size(0));
+  const int64_t batch = x.size(0), in = wt.size(0), out = wt.size(1);
+  at::Tensor live = (x != 0).any(0).nonzero().view(-1).contiguous();  // inputs some batch row needs
+  at::Tensor y = at::zeros({batch, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t* idx = live.data_ptr<int64_t>();
+  const int64_t n_idx = live.numel();
+  const Isa isa = chosen();
+  // output ranges in multiples of 64 floats (whole cache lines) per task
+  at::parallel_for(0, (out + 63) / 64, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t o0 = c0 * 64, o1 = std::min(out, c1 * 64);
+    if (wt.scalar_type() == at::kFloat) {
+      const float* w = wt.data_ptr<float>();
+      if (isa == Isa::avx512) act_sparse_avx512(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
+      else act_sparse_portable(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
+    } else {
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>());
+      if (isa == Isa::avx512) act_sparse_avx512(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
+      else act_sparse_portable(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
+    }
+  });
+  return y;
+}
+
+// 0 portable, 1 AVX2, 2 AVX-512; set_isa forces one (for tests of every path on one machine).
+int64_t isa() { return static_cast<int64_t>(chosen()); }
+int64_t set_isa(int64_t level) {
+  const Isa best = detect();
+  TORCH_CHECK(level >= 0 && level <= static_cast<int64_t>(best), "this CPU supports ISA levels up to ", static_cast<int64_t>(best));
+  chosen() = static_cast<Isa>(level);
+  return level;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(compress_kernels, m) {
+  m.def("q4_dense_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_dense_mm);
+  m.def("q4_sparse24_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_sparse24_mm);
+  m.def("act_sparse_mm(Tensor x, Tensor wt) -> Tensor", &act_sparse_mm);
+  m.def("isa() -> int", &isa);
+  m.def("set_isa(int level) -> int", &set_isa);
+}

@@ -1,0 +1,113 @@
+"""Packed layouts round-trip; every kernel (each ISA path the CPU has) matches the pure-torch reference."""
+
+import pytest
+import torch
+
+from compress.config import QuantConfig
+from compress.kernels import ops as kops
+from compress.kernels import reference
+from compress.kernels.build import ops as compiled
+from compress.kernels.formats import Q4Dense, Q4Sparse24
+from compress.quant.grid import QuantGrid
+
+SHAPES = [(37, 256, 64), (50, 512, 128), (16, 96, 32), (70, 64, 64)]  # (out, in, group): odd outs, one-group rows
+
+
+def _quantized(out, n_in, group, symmetric, sparse24=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, n_in, generator=gen)
+    if sparse24:
+        keep = torch.zeros(out, n_in // 4, 4, dtype=torch.bool)
+        keep.scatter_(-1, torch.rand(out, n_in // 4, 4, generator=gen).argsort(-1)[..., :2], True)
+        keep[0, 0] = False  # a run with no non-zero at all
+        W = W * keep.reshape(out, n_in)
+    grid = QuantGrid.fit(W, QuantConfig(4, group, symmetric=symmetric))
+    codes = grid.encode(W)
+    return codes, grid, grid.decode(codes)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layouts_round_trip_exactly(shape, symmetric):
+    codes, grid, W = _quantized(*shape, symmetric)
+    assert torch.equal(Q4Dense.pack(codes, grid.scale, grid.zero, grid.group_size).unpack(), W)
+    codes, grid, W = _quantized(*shape, symmetric, sparse24=True)
+    packed = Q4Sparse24.pack(codes, grid.scale, grid.zero, grid.group_size)
+    assert torch.equal(packed.unpack(), W)
+    assert (packed.unpack() == 0).sum() >= W.numel() // 2
+
+
+def test_sparse24_layout_stores_three_bits_per_weight_plus_scales():
+    codes, grid, _ = _quantized(4096 // 16, 4096, 128, True, sparse24=True)
+    dense, sparse = (cls.pack(codes, grid.scale, None, 128) for cls in (Q4Dense, Q4Sparse24))
+    scales = 256 * 32 * 4
+    assert dense.nbytes == 256 * 4096 // 2 + scales and sparse.nbytes == 256 * 4096 * 3 // 8 + scales
+
+
+def test_sparse24_refuses_three_nonzeros_in_a_run():
+    codes, grid, _ = _quantized(16, 64, 64, True)
+    with pytest.raises(ValueError, match="2 non-zero"):
+        Q4Sparse24.pack(codes, grid.scale, grid.zero, 64)
+
+
+def _isa_levels():
+    kernels = compiled()
+    if kernels is None:
+        pytest.skip("no compiled kernels here (no C++ compiler)")
+    best = int(kernels.isa())
+    return kernels, best
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["portable", "avx2", "avx512"])
+def isa(request):
+    kernels, best = _isa_levels()
+    if request.param > best:
+        pytest.skip(f"this CPU has ISA level {best}")
+    kernels.set_isa(request.param)
+    yield kernels
+    kernels.set_isa(best)
+
+
+def _close(y, ref):
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantized_kernels_match_the_reference(isa, shape, symmetric):
+    out, n_in, group = shape
+    gen = torch.Generator().manual_seed(1)
+    dense = Q4Dense.pack(*(lambda c, g, _: (c, g.scale, g.zero, group))(*_quantized(*shape, symmetric)))
+    sparse = Q4Sparse24.pack(*(lambda c, g, _: (c, g.scale, g.zero, group))(*_quantized(*shape, symmetric, True)))
+    for batch in (1, 2, 3, 4, 7, 16):
+        x = torch.randn(batch, n_in, generator=gen)
+        _close(isa.q4_dense_mm(x, dense.data, dense.scale, dense.zero, out, group), reference.q4_dense_mm(x, dense))
+        if group % 16 == 0:
+            _close(isa.q4_sparse24_mm(x, sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group),
+                   reference.q4_sparse24_mm(x, sparse))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_sparse_kernel_matches_the_reference(isa, dtype):
+    gen = torch.Generator().manual_seed(2)
+    for n_in, out in ((64, 37), (300, 1000), (17, 16)):
+        wt = torch.randn(n_in, out, generator=gen).to(dtype)
+        for batch in (1, 2, 5, 16):
+            x = torch.randn(batch, n_in, generator=gen) * (torch.rand(batch, n_in, generator=gen) > 0.5)
+            x[:, :3] = 0  # inputs no batch row needs
+            _close(isa.act_sparse_mm(x, wt), reference.act_sparse_mm(x, wt))
+            _close(reference.act_sparse_mm(x, wt), x @ wt.float())
+
+
+def test_wrappers_fall_back_to_the_reference_without_kernels(monkeypatch):
+    codes, grid, W = _quantized(37, 128, 32, True)
+    packed = Q4Dense.pack(codes, grid.scale, grid.zero, 32)
+    x = torch.randn(2, 3, 128)  # any leading shape
+    with_kernels = kops.q4_dense_mm(x, packed)
+    monkeypatch.setattr(kops, "ops", lambda: None)
+    without = kops.q4_dense_mm(x, packed)
+    assert without.shape == (2, 3, 37)
+    _close(without, x @ W.t())
+    _close(with_kernels, without)
+    big = torch.randn(40, 128)  # a prefill-sized batch goes to the reference either way
+    _close(kops.q4_dense_mm(big, packed), big @ W.t())
