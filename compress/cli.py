@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -360,14 +361,28 @@ def info(
                    f"calibration {meta['calibration']}")
 
 
+def _return_freed_memory_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process.
+
+    glibc serves blocks below a *dynamic* threshold (it climbs to 32 MiB) from per-thread heaps and keeps
+    them when freed. The chunked block forward frees gigabytes of same-shaped activations per block while
+    other chunks' activations stay parked, and the heaps fragment: peak RSS on SmolLM2-135M was 4.4 GiB for
+    a 1.55 GiB live set. A fixed threshold hands such blocks back to the kernel when freed (costs page
+    faults, about 20% of the forward's time). tcmalloc (LD_PRELOAD) fragments as badly: 4.1 GiB peak on six
+    blocks where this gives 1.6 GiB.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            log.debug("not glibc: allocator left as it is")
+
+
 def main() -> None:
-    """Run the app as is (the ``compress`` command enters through ``compress.launch``, which picks the
-    memory allocator first)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _return_freed_memory_to_os()
     app()
 
 
 if __name__ == "__main__":
-    from compress.launch import main as launch
-
-    launch()
+    main()
