@@ -33,7 +33,7 @@ def q4_dense_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
 
 def q4_sparse24_mm(x: torch.Tensor, w: Q4Sparse24) -> torch.Tensor:
     x2 = _rows(x)
-    k = _use_kernel(x2) if w.group_size % 16 == 0 else None
+    k = _use_kernel(x2) if w.group_size % 8 == 0 else None
     y = k.q4_sparse24_mm(x2, w.data, w.pos, w.scale, w.zero, w.shape[0], w.group_size) if k else reference.q4_sparse24_mm(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 

@@ -118,7 +118,7 @@ __attribute__((target("avx2,fma"))) void q4_dense_avx2(const QArgs& a, int64_t t
 template <int B>
 __attribute__((target("avx512f,avx512bw"))) void q4_dense_avx512_rows(const QArgs& a, int64_t t, int64_t b0) {
   const int64_t groups = a.in / a.group, half = a.in / 2;
-  const __m512i low = _mm512_set1_epi32(15);
+  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 y[B];
   for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -130,8 +130,9 @@ __attribute__((target("avx512f,avx512bw"))) void q4_dense_avx512_rows(const QArg
     for (int64_t j = 0; j < a.group / 2; j += 2, d += 2 * TILE) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)d));
       const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(d + TILE)));
-      const __m512 ve = _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), vo = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      const __m512 ue = _mm512_cvtepi32_ps(_mm512_and_si512(u, low)), uo = _mm512_cvtepi32_ps(_mm512_srli_epi32(u, 4));
+      // nibble -> float: vpermps reads only an index's low 4 bits, so the low nibble needs no mask
+      const __m512 ve = _mm512_permutexvar_ps(v, lut), vo = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+      const __m512 ue = _mm512_permutexvar_ps(u, lut), uo = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), lut);
       for (int b = 0; b < B; ++b) {
         const float* xb = x + b * a.in + 2 * j;
         ae[b] = _mm512_fmadd_ps(ve, _mm512_set1_ps(xb[0]), ae[b]);
@@ -229,34 +230,40 @@ __attribute__((target("avx2,fma"))) void q4_sparse24_avx2(const QArgs& a, int64_
   }
 }
 
+// xtab[(b * runs + k) * 32 + c] = x[b, 4k + (c & 3)] and [.. + 16 + c] = x[b, 4k + (c >> 2)] for the 16
+// position codes c = p0 | p1 << 2: one vpermps per kept weight then fetches its input, whatever its position.
+__attribute__((target("avx512f,avx512bw"))) void sparse24_x_tables_avx512(const float* x, float* xtab, int64_t rows, int64_t in) {
+  const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512i i1 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t k = 0; k < in / 4; ++k) {
+      const __m512 xv = _mm512_castps128_ps512(_mm_loadu_ps(x + b * in + 4 * k));
+      _mm512_storeu_ps(xtab + (b * (in / 4) + k) * 32, _mm512_permutexvar_ps(i0, xv));
+      _mm512_storeu_ps(xtab + (b * (in / 4) + k) * 32 + 16, _mm512_permutexvar_ps(i1, xv));
+    }
+}
+
 template <int B>
-__attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512_rows(const QArgs& a, int64_t t, int64_t b0) {
+__attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512_rows(const QArgs& a, const float* xtab, int64_t t, int64_t b0) {
   const int64_t groups = a.in / a.group, runs = a.in / 4;
-  const __m512i low = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3);
+  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 y[B];
   for (int b = 0; b < B; ++b) y[b] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 z = a.zero ? _mm512_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm512_set1_ps(8.f);
     __m512 acc0[B], acc1[B];
     for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
-    for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 4) {  // 16 inputs: runs k..k+3
-      __m512 xv[B];
-      for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(a.x + (b0 + b) * a.in + 4 * k);
-      for (int pr = 0; pr < 2; ++pr) {
-        const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.pos + (t * (runs / 2) + k / 2 + pr) * TILE)));
-        for (int q = 0; q < 2; ++q) {
-          const int run = 2 * pr + q;  // run k + run of these 16 inputs
-          const __m512i code = _mm512_and_si512(_mm512_srli_epi32(p, 4 * q), low);
-          const __m512i base = _mm512_set1_epi32(4 * run);
-          const __m512i i0 = _mm512_add_epi32(_mm512_and_si512(code, three), base);
-          const __m512i i1 = _mm512_add_epi32(_mm512_srli_epi32(code, 2), base);
-          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.data + (t * runs + k + run) * TILE)));
-          const __m512 w0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(d, low)), z);
-          const __m512 w1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4)), z);
-          for (int b = 0; b < B; ++b) {
-            acc0[b] = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(i0, xv[b]), acc0[b]);
-            acc1[b] = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(i1, xv[b]), acc1[b]);
-          }
+    for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 2) {  // runs k, k+1 share a byte of codes
+      const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.pos + (t * (runs / 2) + k / 2) * TILE)));
+      for (int q = 0; q < 2; ++q) {
+        const __m512i code = q ? _mm512_srli_epi32(p, 4) : p;  // vpermps reads the low 4 bits only
+        const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.data + (t * runs + k + q) * TILE)));
+        const __m512 w0 = _mm512_sub_ps(_mm512_permutexvar_ps(d, lut), z);
+        const __m512 w1 = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), lut), z);
+        for (int b = 0; b < B; ++b) {
+          const float* tab = xtab + ((b0 + b) * runs + k + q) * 32;
+          acc0[b] = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(code, _mm512_loadu_ps(tab)), acc0[b]);
+          acc1[b] = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(code, _mm512_loadu_ps(tab + 16)), acc1[b]);
         }
       }
     }
@@ -270,12 +277,12 @@ __attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512_rows(const Q
   }
 }
 
-__attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512(const QArgs& a, int64_t t0, int64_t t1) {
+__attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512(const QArgs& a, const float* xtab, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t b = 0;
-    for (; b + 4 <= a.batch; b += 4) q4_sparse24_avx512_rows<4>(a, t, b);
-    for (; b + 2 <= a.batch; b += 2) q4_sparse24_avx512_rows<2>(a, t, b);
-    for (; b < a.batch; ++b) q4_sparse24_avx512_rows<1>(a, t, b);
+    for (; b + 4 <= a.batch; b += 4) q4_sparse24_avx512_rows<4>(a, xtab, t, b);
+    for (; b + 2 <= a.batch; b += 2) q4_sparse24_avx512_rows<2>(a, xtab, t, b);
+    for (; b < a.batch; ++b) q4_sparse24_avx512_rows<1>(a, xtab, t, b);
   }
 }
 
@@ -397,14 +404,19 @@ at::Tensor q4_dense_mm(const at::Tensor& x, const at::Tensor& data, const at::Te
 at::Tensor q4_sparse24_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& pos, const at::Tensor& scale,
                           const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
   check_x(x, data.size(1) * 4);
-  TORCH_CHECK(group % 16 == 0, "q4_sparse24 kernels take group sizes divisible by 16, got ", group);
+  TORCH_CHECK(group % 8 == 0, "q4_sparse24 kernels take group sizes divisible by 8, got ", group);
   TORCH_CHECK(pos.scalar_type() == at::kByte && pos.is_contiguous() && pos.size(1) * 2 == data.size(1), "pos does not match data");
   at::Tensor y = at::empty({x.size(0), out}, x.options());
   QArgs a = q_args(x, y, data, scale, zero, out, group);
   a.pos = pos.data_ptr<uint8_t>();
   const Isa isa = chosen();
+  std::vector<float> xtab;
+  if (isa == Isa::avx512) {
+    xtab.resize(x.size(0) * x.size(1) * 8);
+    sparse24_x_tables_avx512(a.x, xtab.data(), x.size(0), x.size(1));
+  }
   at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
-    if (isa == Isa::avx512) q4_sparse24_avx512(a, t0, t1);
+    if (isa == Isa::avx512) q4_sparse24_avx512(a, xtab.data(), t0, t1);
     else if (isa == Isa::avx2) q4_sparse24_avx2(a, t0, t1);
     else q4_sparse24_portable(a, t0, t1);
   });
