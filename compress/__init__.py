@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
     """Load a model as compress would run it: a transformers causal LM (hub id, folder or .gguf) with the
-    folder's activation thresholds installed (inputs below them are zeroed before each targeted linear).
+    folder's activation thresholds installed (inputs below them are zeroed before each targeted linear); a
+    ``--format packed`` folder's quantized linears are ``kernels.linear.PackedLinear`` modules.
 
     Returns:
         The model, or ``(model, tokenizer)`` with ``with_tokenizer``. ``model.compress_sparsifiers`` maps
@@ -15,8 +16,15 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
 
     from compress import models
     from compress.activations.thresholds import THRESHOLDS_FILE, install
+    from compress.kernels.linear import load_packed, read_packed_table
 
-    model, tokenizer = models.load(spec, dtype)
+    packed = read_packed_table(Path(spec)) if Path(spec).is_dir() else None
+    if packed is not None:  # compress's own layouts: linears run its kernels
+        from transformers import AutoTokenizer
+
+        model, tokenizer = load_packed(Path(spec), packed, models.DTYPES.get(dtype)), AutoTokenizer.from_pretrained(spec)
+    else:
+        model, tokenizer = models.load(spec, dtype)
     model.compress_sparsifiers = {}
     path = Path(spec) / THRESHOLDS_FILE
     if path.is_file():

@@ -97,8 +97,15 @@ def check_format(fmt: str, recipe, model=None) -> None:
     if fmt not in FORMATS:
         raise OutputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "packed":
-        raise OutputError("--format packed (the project's own kernels' layout) is not implemented yet: "
-                          "use --format dense or compressed-tensors")
+        quant = recipe.quant
+        if quant is None or quant.bits != 4:
+            raise OutputError("--format packed stores 4-bit group-quantized weights for compress's kernels: add "
+                              "--quant w4g128 (or w4g64), or use --format dense")
+        if quant.group_size and quant.group_size % 8:
+            raise OutputError(f"--format packed: the kernels take group sizes divisible by 8, not "
+                              f"{quant.group_size}: use --quant w4g64 or w4g128")
+        _check_linear_modules(fmt, recipe, model)
+        return
     if fmt != "compressed-tensors":
         return
     quant = recipe.quant
@@ -111,16 +118,21 @@ def check_format(fmt: str, recipe, model=None) -> None:
     if quant.group_size and quant.group_size not in CT_GROUP_SIZES:
         raise OutputError(f"--format compressed-tensors: vLLM takes group sizes {CT_GROUP_SIZES} or per channel, "
                           f"not {quant.group_size}: use --quant w{quant.bits}g64, or --format dense")
-    if model is not None:
-        from compress import models
+    _check_linear_modules(fmt, recipe, model)
 
-        prefix, blocks = models.decoder_blocks(model)
-        for i, block in enumerate(blocks):
-            for name, module in models.linears(block).items():
-                full = f"{prefix}.{i}.{name}"
-                if not isinstance(module, torch.nn.Linear) and not models.is_ignored(full, recipe.ignore):
-                    raise OutputError(f"--format compressed-tensors needs nn.Linear layers; {full} is "
-                                      f"{type(module).__name__}: use --format dense")
+
+def _check_linear_modules(fmt: str, recipe, model) -> None:
+    if model is None:
+        return
+    from compress import models
+
+    prefix, blocks = models.decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, module in models.linears(block).items():
+            full = f"{prefix}.{i}.{name}"
+            if not isinstance(module, torch.nn.Linear) and not models.is_ignored(full, recipe.ignore):
+                raise OutputError(f"--format {fmt} needs nn.Linear layers; {full} is "
+                                  f"{type(module).__name__}: use --format dense")
 
 
 def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True) -> dict:
@@ -174,6 +186,29 @@ def _ct_tensors(state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dt
     return state
 
 
+PACKED_PARTS = ("data", "pos", "scale", "zero")  # kernels.formats layouts' tensors, stored as NAME.packed_PART
+
+
+def _packed_tensors(state: dict[str, torch.Tensor], quantized: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``state`` with each quantized linear's weight replaced by the kernels' layout of it (``Q4Sparse24`` when
+    every run of 4 inputs holds at most 2 non-zero weights, else ``Q4Dense``), and per linear its layout."""
+    from compress.kernels.formats import Q4Dense, Q4Sparse24
+
+    state, layers = dict(state), {}
+    for name, q in quantized.items():
+        grid = q.grid
+        nonzero = grid.decode(q.codes) != 0
+        is_24 = nonzero.shape[1] % 8 == 0 and int(nonzero.reshape(nonzero.shape[0], -1, 4).sum(-1).max()) <= 2
+        layout = Q4Sparse24 if is_24 else Q4Dense
+        packed = layout.pack(q.codes, grid.scale, grid.zero, grid.group_size)
+        del state[f"{name}.weight"]
+        for part in PACKED_PARTS:
+            if getattr(packed, part, None) is not None:
+                state[f"{name}.packed_{part}"] = getattr(packed, part)
+        layers[name] = {"layout": layout.__name__, "shape": list(packed.shape), "group_size": grid.group_size}
+    return state, layers
+
+
 def _ct_config(model, quantized_names: set[str], recipe) -> dict:
     """The ``quantization_config`` transformers and vLLM read for compressed-tensors ``pack-quantized``."""
     unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized_names]
@@ -195,7 +230,8 @@ class StreamedOutput:
         folder: the (temporary) output folder.
         checkpoint: a ``checkpoint.Checkpoint`` the model's meta-device blocks are read from, or ``None`` for
             a model in memory.
-        fmt: ``dense`` or ``compressed-tensors``.
+        fmt: ``dense``, ``compressed-tensors`` or ``packed`` (compress's kernels' layouts, listed under
+            ``packed`` in compression.json; ``compress.load`` reads it).
     """
 
     def __init__(self, model, folder: Path, checkpoint=None, fmt: str = "dense", recipe=None):
@@ -210,6 +246,7 @@ class StreamedOutput:
         self.recipe = recipe
         self.dtype = next(iter(model.parameters())).dtype
         self.quantized_names: set[str] = set()
+        self.packed_layers: dict[str, dict] = {}  # --format packed: linear name -> layout, shape, group size
 
     def started(self, model) -> None:
         if self.checkpoint is None:
@@ -234,6 +271,9 @@ class StreamedOutput:
         if self.fmt == "compressed-tensors":
             state = _ct_tensors(state, quantized, self.dtype)
             self.quantized_names.update(quantized)
+        elif self.fmt == "packed":
+            state, layers = _packed_tensors(state, quantized)
+            self.packed_layers.update(layers)
         self.writer.write(index, state)
         release(block)
 
@@ -260,6 +300,8 @@ class StreamedOutput:
             config = json.loads(path.read_text())
             config["quantization_config"] = _ct_config(model, self.quantized_names, self.recipe)
             path.write_text(json.dumps(config, indent=2) + "\n")
+        if self.fmt == "packed":
+            metadata = {**metadata, "packed": self.packed_layers}
         _write_extras(self.folder, tokenizer, metadata, act_thresholds, gate_space)
 
 
@@ -298,9 +340,10 @@ def layer_table(folder: Path) -> list[dict]:
     quantized), bytes on disk, and whether it sits in a numbered (decoder) block.
 
     Dense weights that were quantized (``--format dense``) take bits and group size from the folder's
-    report; compressed-tensors weights are unpacked to count their zeros.
+    report; compressed-tensors and packed weights are unpacked to count their zeros.
     """
     from compress.kernels.formats import unpack_int32
+    from compress.kernels.linear import LAYOUTS
 
     meta = read_metadata(folder) or {}
     quantized_dense = {layer["name"]: layer for layer in meta.get("report", {}).get("layers", []) if layer.get("bits")}
@@ -308,10 +351,11 @@ def layer_table(folder: Path) -> list[dict]:
     qconfig = json.loads(config_path.read_text()).get("quantization_config", {}) if config_path.is_file() else {}
     ct_weights = next(iter(qconfig.get("config_groups", {}).values()), {}).get("weights", {}) \
         if qconfig.get("quant_method") == "compressed-tensors" else {}
+    packed = meta.get("packed") or {}
     index = tensor_index(folder)
     rows = []
     for name in index:
-        if not name.endswith((".weight", ".weight_packed")):
+        if not name.endswith((".weight", ".weight_packed", ".packed_data")):
             continue
         t = read_tensor(index, name)
         if name.endswith(".weight") and t.ndim == 2:
@@ -331,6 +375,16 @@ def layer_table(folder: Path) -> list[dict]:
                 zero = zp.repeat_interleave(group, dim=1)
             nonzero = codes != zero
             nbytes = sum(p.numel() * p.element_size() for p in (t, *parts.values()) if p is not None)
+        elif name.endswith(".packed_data") and name[: -len(".packed_data")] in packed:
+            module = name[: -len(".packed_data")]
+            info = packed[module]
+            layout = LAYOUTS[info["layout"]]
+            parts = {p: read_tensor(index, f"{module}.packed_{p}") for p in ("pos", "scale", "zero")}
+            if layout.__name__ != "Q4Sparse24":
+                del parts["pos"]
+            weight = layout(data=t, **parts, shape=tuple(info["shape"]), group_size=info["group_size"])
+            nonzero, nbytes, bits, group = weight.unpack() != 0, weight.nbytes, 4, info["group_size"]
+            name = f"{module}.weight"
         else:
             continue
         rows.append({"name": name, "shape": list(nonzero.shape), "sparsity": 1 - float(nonzero.float().mean()),

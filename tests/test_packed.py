@@ -1,0 +1,63 @@
+"""``--format packed``: compress's own layouts, loaded by ``compress.load`` onto the kernels, compute what the
+dense export of the same compressed weights computes."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import compress
+from compress.cli import app
+from compress.kernels.linear import PackedLinear
+
+runner = CliRunner()
+
+
+def _prune(model_dir, out, calib, *extra):
+    return runner.invoke(app, ["prune", str(model_dir), "--out", str(out), "--calib", str(calib), "--nsamples", "4",
+                               "--seqlen", "32", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("recipe,layout", [
+    (["--quant", "w4g16"], "Q4Dense"),
+    (["--quant", "w4g16", "--quant-asym"], "Q4Dense"),
+    (["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"], "Q4Sparse24"),
+])
+def test_packed_folder_computes_what_the_dense_export_computes(recipe, layout, saved_model, calib_txt, tmp_path):
+    model_dir = saved_model("llama")
+    dense, packed = tmp_path / "dense", tmp_path / "packed"
+    assert _prune(model_dir, dense, calib_txt, *recipe).exit_code == 0
+    result = _prune(model_dir, packed, calib_txt, *recipe, "--format", "packed")
+    assert result.exit_code == 0, result.output
+
+    table = json.loads((packed / "compression.json").read_text())["packed"]
+    assert len(table) == 14 and {v["layout"] for v in table.values()} == {layout}
+    reference, model = compress.load(str(dense)), compress.load(str(packed))
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 14 and all(m.layout.__name__ == layout for m in linears)
+    assert not any("proj.weight" in n for n, _ in model.named_parameters())  # no dense copy of packed weights
+
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits  # 24-token prefill: the reference path
+        ref = reference(ids).logits
+        torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
+        step = model(ids[:, :1]).logits  # one token: the kernels
+        torch.testing.assert_close(step, ref[:, :1], rtol=1e-4, atol=1e-4)
+        greedy = model.generate(ids[:, :4], max_new_tokens=8, do_sample=False)
+        assert torch.equal(greedy, reference.generate(ids[:, :4], max_new_tokens=8, do_sample=False))
+
+
+def test_info_and_eval_read_a_packed_folder(saved_model, calib_txt, tmp_path):
+    out = tmp_path / "packed"
+    assert _prune(saved_model("llama"), out, calib_txt, "--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32",
+                  "--format", "packed").exit_code == 0
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    rows = {r["name"]: r for r in json.loads(info.output)["layers"]}
+    q_proj = rows["model.layers.0.self_attn.q_proj.weight"]
+    assert q_proj["nm"] == "2:4" and q_proj["bits"] == 4 and q_proj["sparsity"] >= 0.5
+    assert q_proj["bytes"] == 64 * 64 * 3 // 8 + 64 * 2 * 4  # 3 bits per weight + one fp32 scale per group
+    result = runner.invoke(app, ["eval", str(out), "--ppl", str(calib_txt), "--seqlen", "32", "--limit", "2"])
+    assert result.exit_code == 0, result.output
