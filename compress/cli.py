@@ -298,6 +298,45 @@ def evaluate(
 
 
 @app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Output folder of compress (packed folders run on compress's kernels), "
+                                              "a model folder, hub id, or .gguf file.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 32,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Greedy continuation of PROMPT by MODEL as compress.load runs it, with the decode speed."""
+    import torch
+
+    _setup_logging(verbose)
+    try:
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads {threads} must be at least 1")
+        lm, tokenizer = compress_load(model, dtype, with_tokenizer=True)
+    except ValueError as err:
+        _fail(str(err))
+    if threads:
+        torch.set_num_threads(threads)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        start = time.perf_counter()
+        lm.generate(ids, max_new_tokens=1, do_sample=False)  # prefill and one token, timed apart
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = lm.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+        total = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    typer.echo(prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    decode = max(total - prefill, 1e-9)
+    typer.echo(f"\n{new} new tokens in {total:.2f} s; decode {(new - 1) / decode:.1f} tokens/s "
+               f"(prefill of {ids.shape[1]} tokens {prefill * 1e3:.0f} ms, {torch.get_num_threads()} threads)", err=True)
+
+
+@app.command()
 def report(
     results: Annotated[list[Path], typer.Argument(help="JSON files written by compress eval --json.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md and the PNG plots.")],

@@ -61,3 +61,13 @@ def test_info_and_eval_read_a_packed_folder(saved_model, calib_txt, tmp_path):
     assert q_proj["bytes"] == 64 * 64 * 3 // 8 + 64 * 2 * 4  # 3 bits per weight + one fp32 scale per group
     result = runner.invoke(app, ["eval", str(out), "--ppl", str(calib_txt), "--seqlen", "32", "--limit", "2"])
     assert result.exit_code == 0, result.output
+
+
+def test_generate_runs_a_packed_folder_on_the_kernels(saved_model, calib_txt, tmp_path):
+    out = tmp_path / "packed"
+    assert _prune(saved_model("llama"), out, calib_txt, "--quant", "w4g16", "--format", "packed").exit_code == 0
+    result = runner.invoke(app, ["generate", str(out), "the of and", "--max-new-tokens", "5", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("the of and") and "5 new tokens" in result.output
+    bad = runner.invoke(app, ["generate", str(out), "x", "--max-new-tokens", "0"])
+    assert bad.exit_code == 2 and "--max-new-tokens 0 must be at least 1" in bad.output
