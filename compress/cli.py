@@ -337,6 +337,70 @@ def generate(
 
 
 @app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="Output folder of compress (packed folders run on compress's kernels).")],
+    threads: Annotated[Optional[list[int]], typer.Option(help="Thread counts to measure (repeat the option).")] = None,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens per decode measurement.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Runs per figure (medians).")] = 3,
+    prompt: Annotated[str, typer.Option(help="Decode prompt.")] = "The history of the city began",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Per-layer GEMV and end-to-end greedy decode speed of MODEL vs the dense original (from its
+    compression.json) and vs the dense export of the same compressed weights; llama.cpp on the original's GGUF
+    when llama-cpp-python is installed."""
+    import torch
+
+    from compress import bench as speed
+    from compress import export, models
+
+    _setup_logging(verbose)
+    threads = threads or [1, 2]
+    try:
+        if new_tokens < 2 or repeats < 1 or min(threads) < 1:
+            raise ValueError(f"--new-tokens {new_tokens} must be >= 2, --repeats {repeats} and --threads {threads} >= 1")
+        meta = export.read_metadata(model)
+        if meta is None:
+            raise ValueError(f"{str(model)!r} has no compression.json: pass a folder written by compress prune")
+        lm, tokenizer = compress_load(str(model), with_tokenizer=True)
+    except ValueError as err:
+        _fail(str(err))
+    source = meta.get("source_model")
+    contenders = {"compressed": lm, "dense export": speed.dense_twin(lm)}
+    try:
+        contenders["dense original"] = models.load(source)[0] if source else None
+    except ValueError as err:
+        log.warning("dense original %s not loadable (%s): compared with the dense export only", source, err)
+    contenders = {k: v for k, v in contenders.items() if v is not None}
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    first = {name: speed.greedy(m, ids, 32) for name, m in contenders.items()}
+    same_32 = bool(torch.equal(first["compressed"], first["dense export"]))
+    results = {"model": str(model), "source_model": source, "prompt": prompt, "new_tokens": new_tokens,
+               "repeats": repeats, "same_first_32_tokens_as_dense_export": same_32, "by_threads": {}}
+    typer.echo(f"first 32 greedy tokens identical to the dense export of the same weights: {same_32}")
+    for n in threads:
+        torch.set_num_threads(n)
+        rows = speed.gemv(lm, repeats=max(repeats, 11))
+        rates = speed.decode_speed(contenders, ids, new_tokens, repeats)
+        llama = speed.llama_cpp_speed(source, prompt, new_tokens, n, repeats) if source and source.endswith(".gguf") else None
+        results["by_threads"][n] = {"gemv": rows, "decode_tokens_per_s": rates, "llama_cpp_tokens_per_s": llama}
+        typer.echo(f"\n{n} thread(s)")
+        typer.echo(f"{'layer':<40}{'layout':>12}{'shape':>12}{'ours ms':>9}{'fp32 ms':>9}{'bf16 ms':>9}{'int4 ms':>9}{'GB/s':>7}")
+        for r in rows:
+            ms = r["ms"]
+            typer.echo(f"{r['layer']:<40}{r['layout']:>12}{'x'.join(map(str, r['shape'])):>12}{ms['ours']:>9.3f}"
+                       f"{ms['fp32']:>9.3f}{ms['bf16']:>9.3f}{ms.get('torch int4', float('nan')):>9.3f}{r['GBps']:>7.1f}")
+        base = rates.get("dense original") or rates["dense export"]
+        for name, rate in rates.items():
+            typer.echo(f"decode {name:<16} {rate:7.1f} tokens/s  ({rate / base:.2f}x)")
+        if llama is not None:
+            typer.echo(f"decode llama.cpp (GGUF)  {llama:7.1f} tokens/s  ({llama / base:.2f}x); compressed is "
+                       f"{rates['compressed'] / llama:.2f}x llama.cpp")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
 def report(
     results: Annotated[list[Path], typer.Argument(help="JSON files written by compress eval --json.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md and the PNG plots.")],

@@ -71,3 +71,17 @@ def test_generate_runs_a_packed_folder_on_the_kernels(saved_model, calib_txt, tm
     assert result.output.startswith("the of and") and "5 new tokens" in result.output
     bad = runner.invoke(app, ["generate", str(out), "x", "--max-new-tokens", "0"])
     assert bad.exit_code == 2 and "--max-new-tokens 0 must be at least 1" in bad.output
+
+
+def test_bench_measures_a_packed_folder_against_its_dense_twin_and_original(saved_model, calib_txt, tmp_path):
+    out = tmp_path / "packed"
+    assert _prune(saved_model("llama"), out, calib_txt, "--method", "sparsegpt", "--pattern", "2:4", "--quant",
+                  "w4g32", "--format", "packed").exit_code == 0
+    result = runner.invoke(app, ["bench", str(out), "--threads", "1", "--new-tokens", "4", "--repeats", "1",
+                                 "--json", str(tmp_path / "bench.json")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["same_first_32_tokens_as_dense_export"] is True
+    one = data["by_threads"]["1"]
+    assert set(one["decode_tokens_per_s"]) == {"compressed", "dense export", "dense original"}
+    assert {r["layout"] for r in one["gemv"]} == {"Q4Sparse24"} and all(r["ms"]["ours"] > 0 for r in one["gemv"])

@@ -1,0 +1,117 @@
+"""Speed of a compressed folder as compress runs it: per-layer GEMV and end-to-end greedy decode.
+
+Every figure is a median of several runs; the variants of one measurement run interleaved (round-robin) so a
+slower period of a shared machine hits them alike. Decode speed excludes the prefill: it is
+``(new - 1) / (t(new tokens) - t(1 token))`` for the same prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.kernels.linear import PackedLinear
+
+PROMPT = "The history of the city began"
+
+
+def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _torch_int4(weight, x: torch.Tensor):
+    """torch's int4 CPU kernel on the same codes (bf16 input, its fast path), or None where it does not apply."""
+    group = weight.group_size
+    if type(weight).__name__ != "Q4Dense" or group not in (32, 64, 128, 256) or weight.shape[1] % 64:
+        return None
+    W = weight.unpack()
+    scale = weight.scale.movedim(-1, 1).reshape(-1, weight.scale.shape[1])[: weight.shape[0]]  # (out, groups)
+    codes = torch.round(W / scale.repeat_interleave(group, dim=1)).to(torch.int32) + 8
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scale_zero = torch.stack([scale.t(), torch.zeros_like(scale.t())], dim=-1).contiguous().bfloat16()
+    xb = x.bfloat16()
+    return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group, scale_zero)
+
+
+def gemv(model: nn.Module, repeats: int = 21) -> list[dict]:
+    """Batch-1 time of each distinct packed layer (layout, shape, group) vs F.linear on its dense weights in
+    fp32 and bf16 and vs torch's int4 kernel (symmetric dense layouts), at the current thread count."""
+    rows, seen = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, PackedLinear):
+            continue
+        key = (module.layout.__name__, module.out_features, module.in_features, module.group_size)
+        if key in seen:
+            continue
+        seen.add(key)
+        weight = module.weight_packed
+        W = weight.unpack()
+        Wb = W.bfloat16()
+        x = torch.randn(1, module.in_features)
+        fns = {"ours": lambda: module(x), "fp32": lambda: F.linear(x, W), "bf16": lambda: F.linear(x.bfloat16(), Wb)}
+        if weight.zero is None and (int4 := _torch_int4(weight, x)) is not None:
+            fns["torch int4"] = int4
+        ms = _median_ms(fns, repeats)
+        rows.append({"layer": name, "layout": key[0], "shape": [key[1], key[2]], "group_size": key[3],
+                     "bytes": weight.nbytes, "ms": ms, "GBps": weight.nbytes / ms["ours"] / 1e6})
+    return rows
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose packed linears are plain ``nn.Linear`` with the same (dequantized) weights:
+    the dense export of the same compressed weights."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, PackedLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = module.weight_packed.unpack()
+            if module.bias is not None:
+                linear.bias.data = module.bias.data.clone()
+            parent, _, leaf = name.rpartition(".")
+            setattr(twin.get_submodule(parent), leaf, linear)
+    return twin.eval()
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:]
+
+
+def decode_speed(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Greedy decode tokens/s of each model (prefill excluded), medians, the models interleaved."""
+    full = _median_ms({n: (lambda m=m: greedy(m, ids, new_tokens)) for n, m in models.items()}, repeats)
+    one = _median_ms({n: (lambda m=m: greedy(m, ids, 1)) for n, m in models.items()}, repeats)
+    return {n: (new_tokens - 1) / max(full[n] - one[n], 1e-6) * 1e3 for n in models}
+
+
+def llama_cpp_speed(gguf: str, prompt: str, new_tokens: int, threads: int, repeats: int = 3) -> float | None:
+    """llama.cpp's greedy decode tokens/s on ``gguf`` (``llama-cpp-python``), or None when not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_threads=threads, n_ctx=512, verbose=False)
+    rates = []
+    for _ in range(repeats):
+        out = llm(prompt, max_tokens=new_tokens, temperature=0.0)
+        timings = out.get("timings") or {}
+        if "predicted_per_second" in timings:
+            rates.append(timings["predicted_per_second"])
+        else:
+            start = time.perf_counter()
+            llm(prompt, max_tokens=new_tokens, temperature=0.0)
+            rates.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
