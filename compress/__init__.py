@@ -16,13 +16,13 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
 
     from compress import models
     from compress.activations.thresholds import THRESHOLDS_FILE, install
-    from compress.kernels.linear import load_packed, read_packed_table
+    from compress.export import read_packed_table
 
-    packed = read_packed_table(Path(spec)) if Path(spec).is_dir() else None
+    packed = read_packed_table(Path(spec))
     if packed is not None:  # compress's own layouts: linears run its kernels
         from transformers import AutoTokenizer
 
-        model, tokenizer = load_packed(Path(spec), packed, models.DTYPES.get(dtype)), AutoTokenizer.from_pretrained(spec)
+        model, tokenizer = models.load_packed(Path(spec), packed, models.DTYPES.get(dtype)), AutoTokenizer.from_pretrained(spec)
     else:
         model, tokenizer = models.load(spec, dtype)
     model.compress_sparsifiers = {}

@@ -310,6 +310,12 @@ def read_metadata(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def read_packed_table(folder: Path) -> dict[str, dict] | None:
+    """compression.json's ``packed`` table if ``folder`` was written with ``--format packed``."""
+    meta = read_metadata(folder) if Path(folder).is_dir() else None
+    return (meta or {}).get("packed")
+
+
 def tensor_index(folder: Path) -> dict[str, Path]:
     """Which safetensors file of ``folder`` holds each tensor name."""
     from safetensors import safe_open

@@ -130,6 +130,45 @@ def _config_dtype(config) -> torch.dtype:
     return DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
 
 
+def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of a ``--format packed`` folder: the module tree built on the meta device, each packed
+    linear (``packed``: compression.json's table) replaced by a ``PackedLinear``, every other tensor read
+    from the shards. The model never exists with dense copies of the packed weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.checkpoint import Checkpoint, materialize
+    from compress.kernels.formats import Q4Sparse24
+    from compress.kernels.linear import LAYOUTS, PackedLinear
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _config_dtype(config))
+    model.tie_weights()
+    checkpoint = Checkpoint(folder)
+    names = checkpoint.names()
+    used = set()
+    for name, info in packed.items():
+        layout = LAYOUTS[info["layout"]]
+        keys = {p: f"{name}.packed_{p}" for p in ("data", "pos", "scale", "zero")}
+        tensors = checkpoint.read([k for k in keys.values() if k in names])
+        parts = {p: tensors.get(k) for p, k in keys.items() if p != "pos" or layout is Q4Sparse24}
+        bias = checkpoint.read([f"{name}.bias"])[f"{name}.bias"] if f"{name}.bias" in names else None
+        parent_name, _, leaf = name.rpartition(".")
+        weight = layout(**parts, shape=tuple(info["shape"]), group_size=info["group_size"])
+        setattr(model.get_submodule(parent_name), leaf, PackedLinear(weight, bias))
+        used.update(tensors, {f"{name}.bias"})
+    materialize(model, checkpoint.read(sorted(names - used)), strict=False)
+    model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing:
+        raise ValueError(f"{str(folder)!r} does not hold {missing[0]} (and {len(missing) - 1} more): not a complete packed folder")
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Return ``(prefix, blocks)``: the ModuleList of the model's ``num_hidden_layers`` decoder blocks.
 
