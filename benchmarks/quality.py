@@ -3,7 +3,7 @@
 Protocol (issue 2): calibration 128 x 512 tokens from WikiText-2 valid.txt (seed 0); perplexity on test.txt,
 windows of 1024 tokens, first 50 windows, fp32. Both tools get the very same calibration token windows.
 Both tools prune the same dense fp32 safetensors folder (the GGUF dequantized once). Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
-venv), one at a time; wall time and peak RSS come from ``os.wait4`` on that process.
+venv), one at a time; wall time, and peak RSS from GNU time on that process (see ``timed``).
 
     python benchmarks/quality.py --llmc-python /path/to/llmc-venv/bin/python --work bench-work --json quality.json
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,15 +27,23 @@ PEER_METHODS = {"wanda", "sparsegpt"}  # llm-compressor's magnitude modifier is 
 
 
 def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` alone; return its wall seconds and peak RSS (MiB) from the kernel's accounting."""
+    """Run ``cmd`` alone; return its wall seconds and peak RSS (MiB).
+
+    The peak comes from GNU time's report on the command itself (``%M``), not from ``wait4`` on our child:
+    Linux carries a process's RSS high-water mark across ``exec``, so a child forked from this script would
+    report at least this script's own RSS at fork time (it holds the models it evaluated, ~1.5 GB).
+    """
+    time_bin = shutil.which("time") or "/usr/bin/time"
+    if not Path(time_bin).is_file():
+        raise RuntimeError("GNU time (/usr/bin/time) is needed to measure a command's own peak RSS: apt install time")
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = subprocess.call([time_bin, "-f", "PEAK_RSS_KB=%M", *cmd], stdout=fh, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    if code != 0:
         raise RuntimeError(f"{cmd[:3]} failed, see {log}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+    peak_kb = int(log.read_text().rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
+    return {"seconds": seconds, "peak_rss_mib": peak_kb / 1024}
 
 
 def slug(method: str, pattern: str) -> str:

@@ -4,7 +4,7 @@ Builds synthetic Llama-architecture checkpoints here (random weights, std 0.02, 
 per block, written block by block so building them never holds the model either): by default 3.4B
 parameters (hidden 3200, MLP 8640, 26 layers, SmolLM2's tokenizer and vocabulary, untied lm_head, ~6.9 GB)
 and the same width at 8 layers, so that peak RSS can be compared across depths. Each prune runs as its own
-process, one at a time; wall time and peak RSS come from ``os.wait4``.
+process, one at a time; wall time, and peak RSS from GNU time (``quality.timed``).
 
     python benchmarks/streaming.py --work bench-big --json streaming.json
 """

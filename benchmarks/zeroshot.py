@@ -4,7 +4,7 @@ The task is ``arc_local``: arc_easy's prompt format and metrics (its YAML, with 
 grade-school science questions written for this project in ARC's schema (``tasks/arc_local.jsonl``), since
 the hub copy of ARC is unreachable here. The task YAML is written at run time, pointing at the jsonl.
 
-Runs, one at a time, each under ``os.wait4`` for wall time and peak RSS:
+Runs, one at a time, each timed with its peak RSS (``quality.timed``):
 1. ``lm_eval --model hf --model_args pretrained=DENSE,dtype=float32`` (lm-eval's CLI, its own loading);
 2. ``compress eval DENSE --tasks arc_local`` and the same on each ``--folders`` (pruned, ...).
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.kernels.linear import PackedLinear
+from compress.kernels.linear import PackedEmbedding, PackedLinear
 
 PROMPT = "The history of the city began"
 
@@ -74,14 +74,22 @@ def dense_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose packed linears are plain ``nn.Linear`` with the same (dequantized) weights:
     the dense export of the same compressed weights."""
     twin = copy.deepcopy(model)
+    dense: dict[int, nn.Linear] = {}
     for name, module in list(twin.named_modules()):
         if isinstance(module, PackedLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             linear.weight.data = module.weight_packed.unpack()
             if module.bias is not None:
                 linear.bias.data = module.bias.data.clone()
+            dense[id(module)] = linear
             parent, _, leaf = name.rpartition(".")
-            setattr(twin.get_submodule(parent), leaf, linear)
+            setattr(twin.get_submodule(parent) if parent else twin, leaf, linear)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, PackedEmbedding):  # tied to a packed lm_head: share its dense weights
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim)
+            embedding.weight = dense[id(module.head)].weight
+            parent, _, leaf = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, leaf, embedding)
     return twin.eval()
 
 

@@ -121,13 +121,12 @@ def release(module: nn.Module) -> None:
 class ShardWriter:
     """Writes a model as one safetensors shard per decoder block plus one for the rest, with the index
     transformers reads (``model.safetensors.index.json``). Each shard is written under a temporary name
-    and renamed, so a shard that exists is complete."""
+    and renamed, so a shard that exists is complete; the index is built from the shards on disk, so a run
+    resumed after a crash indexes the shards its first part wrote too."""
 
     def __init__(self, folder: Path, n_blocks: int):
         self.folder = Path(folder)
         self.n_shards = n_blocks + 1
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
 
     def shard_name(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
@@ -140,10 +139,14 @@ class ShardWriter:
         tmp = self.folder / f".{name}.partial"
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.folder / name)
-        for n, t in tensors.items():
-            self.weight_map[n] = name
-            self.total_size += t.numel() * t.element_size()
 
     def finish(self) -> None:
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        weight_map, total = {}, 0
+        for k in range(self.n_shards):
+            header, _ = read_header(self.folder / self.shard_name(k))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    weight_map[name] = self.shard_name(k)
+                    total += info["data_offsets"][1] - info["data_offsets"][0]
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -93,6 +93,12 @@ def prune(
     chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward chunk (0: default 8). Same result "
                                                "for any value, one forward per block; smaller uses less memory.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder (only once the new one is complete).")] = False,
+    quant_lm_head: Annotated[bool, typer.Option("--quant-lm-head", help="Also quantize lm_head (round to nearest on "
+                                                 "--quant's grid); a tied input embedding shares it.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run of this --out (after a crash or kill) "
+                                              "from its last saved block; refused if anything about the run differs.")] = False,
+    save_every: Annotated[float, typer.Option(help="Seconds between saves of the resume state (0: after every "
+                                                   "block).")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
@@ -121,7 +127,8 @@ def prune(
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
         calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
-        recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg)
+        recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg,
+                        quant_lm_head=quant_lm_head)
         export.check_format(fmt, recipe)
         check_source(calib)
         export.check_output(out, overwrite)
@@ -141,8 +148,10 @@ def prune(
         if seqlen > max_ctx:
             log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
             calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
-            recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg, act_cfg)
+            recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg, act_cfg, quant_lm_head)
         tokens, manifest = calibration_batches(tokenizer, calib_cfg)
+        fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
+        export.check_resume(out, resume, fingerprint)
         if act_cfg is not None:
             log.info("activation thresholds are calibrated on %d-token windows: serve at that length or calibrate "
                      "at the length you serve (attention outputs shrink with context; on SmolLM2-135M, thresholds "
@@ -156,28 +165,47 @@ def prune(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     n_blocks = len(models.decoder_blocks(lm)[1])
-    with export.atomic_folder(out, overwrite) as tmp:
-        output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe)
-        with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
-            def on_block(block_report, _total):
-                bar.set_postfix(err=f"{block_report.mean_error:.4f}")
-                bar.update()
+    try:
+        with export.atomic_folder(out, overwrite, resumable=True) as tmp:
+            output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe, fingerprint=fingerprint, save_every=save_every)
+            with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
+                def on_block(block_report, _total):
+                    bar.set_postfix(err=f"{block_report.mean_error:.4f}")
+                    bar.update()
 
-            report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
-                                                  on_block=on_block, io=output)
-        metadata = {
-            "source_model": model,
-            "recipe": recipe.to_dict(),
-            "format": fmt,
-            "calibration": manifest.to_dict(),
-            "device": str(dev),
-            "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
-                                            symmetric=recipe.quant is None or recipe.quant.symmetric),
-            "report": report.to_dict(),
-        }
-        output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space)
+                report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
+                                                      on_block=on_block, io=output)
+            metadata = {
+                "source_model": model,
+                "recipe": recipe.to_dict(),
+                "format": fmt,
+                "calibration": manifest.to_dict(),
+                "device": str(dev),
+                "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
+                                                symmetric=recipe.quant is None or recipe.quant.symmetric),
+                "report": report.to_dict(),
+            }
+            output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space)
+    except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
+        _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
     log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
     _print_prune_summary(report, out, metadata["storage"])
+
+
+def _fingerprint(model: str, recipe, fmt: str, manifest, chunk_samples: int, dtype: str) -> dict:
+    """What a resumed run must share with the run it continues (as JSON-normal values)."""
+    import torch
+    import transformers
+
+    import compress
+
+    path = Path(model)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    fp = {"model": [model, stamp], "recipe": recipe.to_dict(), "format": fmt, "calibration": manifest.to_dict(),
+          "chunk_samples": chunk_samples, "dtype": dtype,
+          "versions": [compress.__version__, torch.__version__, transformers.__version__]}
+    return json.loads(json.dumps(fp))
 
 
 def _read_per_layer(path: Path) -> dict:

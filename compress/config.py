@@ -223,6 +223,8 @@ class Recipe:
 
     Attributes:
         ignore: regular expressions; a linear whose full name matches one (``re.search``) is left as it is.
+        quant_lm_head: also quantize the output projection (round to nearest on ``quant``'s grid: it has no
+            calibrated input statistics here); an input embedding tied to it shares the quantized weights.
     """
 
     prune: PruneConfig | None = None
@@ -230,10 +232,13 @@ class Recipe:
     ignore: tuple[str, ...] = ()
     calib: CalibConfig = field(default_factory=CalibConfig)
     act: ActConfig | None = None
+    quant_lm_head: bool = False
 
     def __post_init__(self):
         if self.prune is None and self.quant is None and self.act is None:
             raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
+        if self.quant_lm_head and self.quant is None:
+            raise ValueError("--quant-lm-head quantizes lm_head on --quant's grid: add --quant (e.g. w4g64)")
         for expr in self.ignore:
             try:
                 re.compile(expr)
@@ -268,7 +273,8 @@ class Recipe:
         if act is not None:
             _check_keys(ActConfig, act, "recipe.act")
             act = ActConfig(**{**act, "targets": tuple(act.get("targets", ()))})
-        return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act)
+        return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act,
+                   quant_lm_head=bool(data.get("quant_lm_head", False)))
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

@@ -10,6 +10,7 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,15 +33,50 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise OutputError(f"output {str(out)!r} exists and is not a folder: choose another --out")
 
 
+def partial_folder(out: Path) -> Path:
+    """Where a resumable run of ``out`` writes until it is complete."""
+    return Path(out).with_name(f".{Path(out).name}.partial")
+
+
+RESUME_STATE = "resume/state.json"
+
+
+def check_resume(out: Path, resume: bool, fingerprint: dict) -> None:
+    """Refuse (before any work) to run over an unfinished run's folder unless ``resume``, and to resume one
+    whose model files, calibration, recipe or versions differ from this run's (``fingerprint``)."""
+    partial = partial_folder(out)
+    state = partial / RESUME_STATE
+    if partial.exists() and not resume:
+        raise OutputError(f"{str(partial)!r} holds an unfinished run of this output: pass --resume to continue it, "
+                          f"or delete that folder")
+    if resume and state.is_file():
+        saved = json.loads(state.read_text()).get("fingerprint", {})
+        differ = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
+        if differ:
+            raise OutputError(f"--resume: the unfinished run in {str(partial)!r} differs from this one in "
+                              f"{', '.join(differ)}: rerun it as it was, or delete that folder")
+    elif resume:
+        log.info("--resume: no unfinished run of %s to continue; starting from the first block", out)
+
+
 @contextmanager
-def atomic_folder(out: Path, overwrite: bool = False):
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed."""
+def atomic_folder(out: Path, overwrite: bool = False, resumable: bool = False):
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed.
+
+    With ``resumable`` the folder is ``partial_folder(out)``, reused if it exists, and kept on error when it
+    holds a resume state (``RESUME_STATE``), for ``--resume``.
+    """
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if resumable:
+        tmp = partial_folder(out)
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        shutil.rmtree(tmp / Path(RESUME_STATE).parent, ignore_errors=True)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -49,7 +85,10 @@ def atomic_folder(out: Path, overwrite: bool = False):
         else:
             tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if resumable and (tmp / RESUME_STATE).is_file():
+            log.warning("kept the unfinished run in %s: rerun the same command with --resume to continue it", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -96,6 +135,8 @@ def check_format(fmt: str, recipe, model=None) -> None:
     """
     if fmt not in FORMATS:
         raise OutputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if recipe.quant_lm_head and fmt == "compressed-tensors":
+        raise OutputError("--quant-lm-head is not written in the compressed-tensors format yet: use --format packed or dense")
     if fmt == "packed":
         quant = recipe.quant
         if quant is None or quant.bits != 4:
@@ -209,6 +250,34 @@ def _packed_tensors(state: dict[str, torch.Tensor], quantized: dict) -> tuple[di
     return state, layers
 
 
+def _quantized_lm_head(model, state: dict[str, torch.Tensor], recipe, fmt: str) -> dict | None:
+    """Round the output projection to ``recipe.quant``'s grid in ``state`` (the weights outside the blocks,
+    tied ones stored once): dequantized for ``dense``, the ``Q4Dense`` layout for ``packed``. Returns the
+    packed table's entry (``tied_embedding``: the input embedding that shares it), or ``None``."""
+    from compress.kernels.formats import Q4Dense
+    from compress.quant.grid import QuantGrid
+
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name, embedding_name = names[id(head)], names[id(embedding)]
+    tied = f"{head_name}.weight" not in state
+    key = f"{embedding_name}.weight" if tied else f"{head_name}.weight"
+    W = state[key]
+    grid = QuantGrid.fit(W.float(), recipe.quant, scale_dtype=W.dtype)
+    codes = grid.encode(W.float())
+    if fmt != "packed":
+        state[key] = grid.decode(codes).to(W.dtype)
+        return None
+    packed = Q4Dense.pack(codes, grid.scale, grid.zero, grid.group_size)
+    del state[key]
+    for part in PACKED_PARTS:
+        if getattr(packed, part, None) is not None:
+            state[f"{head_name}.packed_{part}"] = getattr(packed, part)
+    return {head_name: {"layout": "Q4Dense", "shape": list(packed.shape), "group_size": grid.group_size,
+                        "tied_embedding": embedding_name if tied else None}}
+
+
 def _ct_config(model, quantized_names: set[str], recipe) -> dict:
     """The ``quantization_config`` transformers and vLLM read for compressed-tensors ``pack-quantized``."""
     unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized_names]
@@ -232,15 +301,23 @@ class StreamedOutput:
             a model in memory.
         fmt: ``dense``, ``compressed-tensors`` or ``packed`` (compress's kernels' layouts, listed under
             ``packed`` in compression.json; ``compress.load`` reads it).
+        fingerprint: what a resumed run must match (model files, calibration, recipe, versions).
+        save_every: seconds between saves of the resume state (the next block's inputs and the report so far,
+            after a block's shard is written); ``None`` never saves one, 0 saves after every block.
     """
 
-    def __init__(self, model, folder: Path, checkpoint=None, fmt: str = "dense", recipe=None):
+    def __init__(self, model, folder: Path, checkpoint=None, fmt: str = "dense", recipe=None,
+                 fingerprint: dict | None = None, save_every: float | None = None):
         from compress import models
         from compress.checkpoint import ShardWriter
 
         self.prefix, blocks = models.decoder_blocks(model)
+        self.n_blocks = len(blocks)
         self.folder = Path(folder)
         self.writer = ShardWriter(self.folder, len(blocks))
+        self.fingerprint = fingerprint or {}
+        self.save_every = save_every
+        self._saved_at = time.monotonic()
         self.checkpoint = checkpoint
         self.fmt = fmt
         self.recipe = recipe
@@ -264,7 +341,42 @@ class StreamedOutput:
         if self.checkpoint is not None:
             load_module(self.checkpoint, block, f"{self.prefix}.{index}")
 
-    def done(self, index: int, block, quantized: dict) -> None:
+    def resume(self):
+        """The ``pipeline.BlockState`` saved in the folder by an interrupted run, if any."""
+        from safetensors.torch import load_file
+
+        from compress.pipeline import BlockState
+
+        path = self.folder / RESUME_STATE
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        self.quantized_names = set(saved["quantized_names"])
+        self.packed_layers = saved["packed_layers"]
+        return BlockState.from_parts(saved["state"], load_file(str(path.parent / saved["tensors"])))
+
+    def _save(self, state) -> None:
+        """Write the resume state: tensors first, then the JSON naming them (the commit point), then drop
+        older tensors."""
+        from safetensors.torch import save_file
+
+        folder = (self.folder / RESUME_STATE).parent
+        folder.mkdir(exist_ok=True)
+        meta, tensors = state.to_parts()
+        name = f"state-{state.next_block:05d}.safetensors"
+        save_file(tensors, str(folder / f".{name}.partial"))
+        os.replace(folder / f".{name}.partial", folder / name)
+        saved = {"fingerprint": self.fingerprint, "tensors": name, "state": meta,
+                 "quantized_names": sorted(self.quantized_names), "packed_layers": self.packed_layers}
+        tmp = folder / ".state.json.partial"
+        tmp.write_text(json.dumps(saved) + "\n")
+        os.replace(tmp, self.folder / RESUME_STATE)
+        for old in folder.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+        self._saved_at = time.monotonic()
+
+    def done(self, index: int, block, quantized: dict, block_state=None) -> None:
         from compress.checkpoint import release
 
         state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
@@ -276,6 +388,9 @@ class StreamedOutput:
             self.packed_layers.update(layers)
         self.writer.write(index, state)
         release(block)
+        if (block_state is not None and self.save_every is not None and block_state.next_block < self.n_blocks
+                and time.monotonic() - self._saved_at >= self.save_every):
+            self._save(block_state)
 
     def finish(self, model, tokenizer, metadata: dict, act_thresholds: dict | None = None,
                gate_space: dict | None = None) -> None:
@@ -290,6 +405,8 @@ class StreamedOutput:
             if not name.startswith(self.prefix + ".") and (t.device, t.data_ptr()) not in seen:  # tied: stored once
                 seen.add((t.device, t.data_ptr()))
                 state[name] = t.detach().cpu()
+        if self.recipe is not None and self.recipe.quant_lm_head:
+            self.packed_layers.update(_quantized_lm_head(model, state, self.recipe, self.fmt) or {})
         self.writer.write(self.writer.n_shards - 1, state)
         self.writer.finish()
         model.config.save_pretrained(self.folder)

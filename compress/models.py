@@ -139,12 +139,13 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
 
     from compress.checkpoint import Checkpoint, materialize
     from compress.kernels.formats import Q4Sparse24
-    from compress.kernels.linear import LAYOUTS, PackedLinear
+    from compress.kernels.linear import LAYOUTS, PackedEmbedding, PackedLinear
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
+    dtype = dtype or _config_dtype(config)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or _config_dtype(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     checkpoint = Checkpoint(folder)
     names = checkpoint.names()
@@ -157,10 +158,16 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
         bias = checkpoint.read([f"{name}.bias"])[f"{name}.bias"] if f"{name}.bias" in names else None
         parent_name, _, leaf = name.rpartition(".")
         weight = layout(**parts, shape=tuple(info["shape"]), group_size=info["group_size"])
-        setattr(model.get_submodule(parent_name), leaf, PackedLinear(weight, bias))
+        linear = PackedLinear(weight, bias)
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        if info.get("tied_embedding"):  # a tied input embedding reads the same packed weights
+            parent_name, _, leaf = info["tied_embedding"].rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf,
+                    PackedEmbedding(linear, dtype))
         used.update(tensors, {f"{name}.bias"})
     materialize(model, checkpoint.read(sorted(names - used)), strict=False)
-    model.tie_weights()
+    if not isinstance(model.get_output_embeddings(), PackedLinear):
+        model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:
         raise ValueError(f"{str(folder)!r} does not hold {missing[0]} (and {len(missing) - 1} more): not a complete packed folder")

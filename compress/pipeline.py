@@ -97,6 +97,33 @@ class Report:
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
+@dataclass
+class BlockState:
+    """Everything a run needs to continue at ``next_block``: that block's input hidden states (one tensor per
+    calibration chunk) and the report so far. ``BlockIO.done`` receives it after every block."""
+
+    next_block: int
+    hidden: list[torch.Tensor]
+    blocks: list[BlockReport]
+    act_thresholds: dict[str, torch.Tensor]
+    gate_space: dict[str, str]
+
+    def to_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """A JSON-able dict and a dict of tensors (for safetensors)."""
+        meta = {"next_block": self.next_block, "chunks": len(self.hidden), "gate_space": self.gate_space,
+                "blocks": [{"index": b.index, "seconds": b.seconds, "layers": [asdict(r) for r in b.layers]} for b in self.blocks]}
+        tensors = {f"hidden.{c}": h.contiguous() for c, h in enumerate(self.hidden)}
+        tensors.update({f"act.{name}": t.contiguous() for name, t in self.act_thresholds.items()})
+        return meta, tensors
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "BlockState":
+        blocks = [BlockReport(b["index"], b["seconds"], [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in b["layers"]])
+                  for b in meta["blocks"]]
+        return cls(meta["next_block"], [tensors[f"hidden.{c}"] for c in range(meta["chunks"])], blocks,
+                   {n[len("act."):]: t for n, t in tensors.items() if n.startswith("act.")}, meta["gate_space"])
+
+
 def check(model: nn.Module, recipe: Recipe) -> None:
     """Fail fast, before any calibration work, on a recipe the model cannot take.
 
@@ -150,8 +177,12 @@ class BlockIO(Protocol):
     def load(self, index: int, block: nn.Module) -> None:
         """Give block ``index`` its weights (before it is compressed)."""
 
-    def done(self, index: int, block: nn.Module, quantized: dict[str, "QuantizedWeight"]) -> None:
-        """Block ``index`` is compressed; ``quantized`` holds its quantized linears' integer form."""
+    def resume(self) -> BlockState | None:
+        """The state an interrupted run left to continue from, if any."""
+
+    def done(self, index: int, block: nn.Module, quantized: dict[str, "QuantizedWeight"], state: BlockState) -> None:
+        """Block ``index`` is compressed; ``quantized`` holds its quantized linears' integer form and ``state``
+        what the run needs to continue from block ``index + 1`` (the IO may save it)."""
 
 
 def split_groups(model: nn.Module, ignore: tuple[str, ...], load: Callable[[nn.Module], None] | None = None) -> list[list[str]]:
@@ -169,7 +200,7 @@ def split_groups(model: nn.Module, ignore: tuple[str, ...], load: Callable[[nn.M
     if load is not None:
         load(blocks[0])
     try:
-        groups, _ = probe_groups(blocks[0], probe, list(models.linears(blocks[0])))
+        groups = probe_groups(blocks[0], probe, list(models.linears(blocks[0])))
     finally:
         if load is not None:
             blocks[0].to("meta")
@@ -183,10 +214,10 @@ def split_groups(model: nn.Module, ignore: tuple[str, ...], load: Callable[[nn.M
     return split
 
 
-def probe_groups(block: nn.Module, probe: BlockInputs, names: list[str]) -> tuple[list[list[str]], BlockInputs]:
+def probe_groups(block: nn.Module, probe: BlockInputs, names: list[str]) -> list[list[str]]:
     """Linears ``names`` of ``block`` grouped by the input tensor they read, groups in execution order,
-    found by running the block on the tiny ``probe`` inputs with hooks noting which tensor each linear
-    reads; also the block's output as the next block's probe."""
+    found by running the block on the tiny ``probe`` inputs (any block's: only which tensor each linear
+    reads matters) with hooks noting it."""
     seen: list[tuple[str, int]] = []  # (name, id(input)) in call order
     keep_alive = []  # holds the probed inputs so no id() is reused by a freed tensor mid-probe
     modules = models.linears(block)
@@ -198,14 +229,14 @@ def probe_groups(block: nn.Module, probe: BlockInputs, names: list[str]) -> tupl
 
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
     try:
-        out = _forward(block, probe)
+        _forward(block, probe)
     finally:
         for h in handles:
             h.remove()
     by_input: dict[int, list[str]] = {}
     for name, key in seen:
         by_input.setdefault(key, []).append(name)
-    return list(by_input.values()), BlockInputs(out, probe.args, probe.kwargs)
+    return list(by_input.values())
 
 
 class _Stop(Exception):
@@ -423,29 +454,46 @@ def compress_sequential(
         probe = capture_block_inputs(model, blocks[0], tokens[:1, :8].to(device))  # finds each block's groups
     finally:
         models.move_non_blocks_(model, prefix, torch.device("cpu"))
+    report = Report(recipe=str(recipe))
+    first = 0
     if io is not None:
         io.started(model)
-    report = Report(recipe=str(recipe))
+        resumed = io.resume()
+        if resumed is not None:
+            if len(resumed.hidden) != len(inputs):
+                raise ValueError(f"the run to resume used {len(resumed.hidden)} calibration chunks, this one {len(inputs)}")
+            first = resumed.next_block
+            inputs = [BlockInputs(h.to(device), inp.args, inp.kwargs) for h, inp in zip(resumed.hidden, inputs)]
+            report.blocks = resumed.blocks
+            report.act_thresholds.update(resumed.act_thresholds)
+            report.gate_space.update(resumed.gate_space)
+            log.info("resuming at block %d/%d", first + 1, len(blocks))
+            if on_block:
+                for done_report in report.blocks:
+                    on_block(done_report, len(blocks))
     for i, block in enumerate(blocks):
+        if i < first:
+            continue
         t0 = time.perf_counter()
         if io is not None:
             io.load(i, block)
         block.to(device)
         block_name = f"{prefix}.{i}"
         targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
-        groups, probe = probe_groups(block, probe, targets)
+        groups = probe_groups(block, probe, targets)
         compressor = _BlockCompressor(block, groups, recipe, block_name, gram_stride, hist_stride)
         outputs = compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")
-        if io is not None:
-            io.done(i, block, compressor.quantized)
-        else:
-            report.quantized.update(compressor.quantized)
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)
         report.blocks.append(block_report)
         report.act_thresholds.update(compressor.act_thresholds)
         report.gate_space.update(compressor.gate_space)
+        if io is not None:
+            io.done(i, block, compressor.quantized, BlockState(i + 1, outputs, report.blocks, report.act_thresholds,
+                                                               report.gate_space))
+        else:
+            report.quantized.update(compressor.quantized)
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)
         if on_block:
             on_block(block_report, len(blocks))

@@ -36,9 +36,9 @@ def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, **overrides)
     if family in ("llama", "llama-tied"):
-        cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=family == "llama-tied",
-                          **common)
+        cfg = LlamaConfig(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=128, max_position_embeddings=256,
+                                    tie_word_embeddings=family == "llama-tied"), **common})
         model = LlamaForCausalLM(cfg)
     elif family == "qwen2":
         cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -85,3 +85,25 @@ def test_bench_measures_a_packed_folder_against_its_dense_twin_and_original(save
     one = data["by_threads"]["1"]
     assert set(one["decode_tokens_per_s"]) == {"compressed", "dense export", "dense original"}
     assert {r["layout"] for r in one["gemv"]} == {"Q4Sparse24"} and all(r["ms"]["ours"] > 0 for r in one["gemv"])
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "llama"])
+def test_quantized_lm_head_stays_tied_and_matches_the_dense_export(family, saved_model, calib_txt, tmp_path):
+    model_dir = saved_model(family)
+    recipe = ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32", "--quant-lm-head"]
+    dense, packed = tmp_path / "dense", tmp_path / "packed"
+    assert _prune(model_dir, dense, calib_txt, *recipe).exit_code == 0
+    assert _prune(model_dir, packed, calib_txt, *recipe, "--format", "packed").exit_code == 0
+
+    table = json.loads((packed / "compression.json").read_text())["packed"]
+    tied = family == "llama-tied"
+    assert table["lm_head"]["tied_embedding"] == ("model.embed_tokens" if tied else None)
+    reference, model = compress.load(str(dense)), compress.load(str(packed))
+    head = reference.lm_head.weight
+    assert max(len(torch.unique(g)) for g in head.reshape(-1, 32)) <= 16  # on a 4-bit grid in the dense export too
+    assert (reference.model.embed_tokens.weight.data_ptr() == head.data_ptr()) == tied
+    assert isinstance(model.lm_head, PackedLinear)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids[:, :1]).logits, reference(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)

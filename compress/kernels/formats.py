@@ -125,6 +125,15 @@ class Q4Dense:
         zero = _zero_or_default(self.zero, self.scale, self.shape[0], self.group_size)
         return (u - zero) * _untile(self.scale, self.shape[0]).repeat_interleave(self.group_size, dim=1)
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """fp32 rows ``index`` ``(n,)`` of the weights, ``(n, in)``: an embedding lookup in a tied lm_head."""
+        tile, lane = index // TILE, index % TILE
+        data = self.data[tile, :, lane]  # (n, in/2)
+        u = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(len(index), -1).float()
+        scale = self.scale[tile, :, lane].repeat_interleave(self.group_size, dim=1)
+        zero = self.zero[tile, :, lane].repeat_interleave(self.group_size, dim=1) if self.zero is not None else 8.0
+        return (u - zero) * scale
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)

@@ -36,3 +36,22 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.__name__} g{self.group_size}"
+
+
+class PackedEmbedding(nn.Module):
+    """The input embedding of a model whose tied lm_head is a ``PackedLinear`` (``Q4Dense``): looked-up rows are
+    dequantized from the lm_head's packed weights, so the two stay one tensor."""
+
+    def __init__(self, head: PackedLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self._head = (head,)  # not a submodule: the weights belong to lm_head
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+
+    @property
+    def head(self) -> PackedLinear:
+        return self._head[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.head.weight_packed.rows(ids.reshape(-1))
+        return rows.reshape(*ids.shape, self.embedding_dim).to(self.dtype)

@@ -358,6 +358,31 @@ __attribute__((target("avx512f,avx512bw"))) void act_sparse_avx512(const float* 
   }
 }
 
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <typename W>
+__attribute__((target("avx2,fma"))) void act_sparse_avx2(const float* x, const W* wt, float* y, const int64_t* idx,
+                                                         int64_t n_idx, int64_t batch, int64_t in, int64_t out,
+                                                         int64_t o0, int64_t o1) {
+  const int64_t vec_end = o0 + (o1 - o0) / 8 * 8;
+  int64_t n = 0;
+  for (; n + 2 <= n_idx; n += 2) {
+    const W* r0 = wt + idx[n] * out;
+    const W* r1 = wt + idx[n + 1] * out;
+    for (int64_t b = 0; b < batch; ++b) {
+      const __m256 v0 = _mm256_set1_ps(x[b * in + idx[n]]), v1 = _mm256_set1_ps(x[b * in + idx[n + 1]]);
+      float* yb = y + b * out;
+      for (int64_t o = o0; o < vec_end; o += 8)
+        _mm256_storeu_ps(yb + o, _mm256_fmadd_ps(v1, load8(r1 + o), _mm256_fmadd_ps(v0, load8(r0 + o), _mm256_loadu_ps(yb + o))));
+    }
+    if (vec_end < o1) act_sparse_portable(x, wt, y, idx + n, 2, batch, in, out, vec_end, o1);
+  }
+  if (n < n_idx) act_sparse_portable(x, wt, y, idx + n, 1, batch, in, out, o0, o1);
+}
+
 // ---------------------------------------------------------------- entry points
 void check_x(const at::Tensor& x, int64_t in) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x must be (batch, ", in, "), got ", x.sizes());
@@ -441,10 +466,12 @@ at::Tensor act_sparse_mm(const at::Tensor& x, const at::Tensor& wt) {
     if (wt.scalar_type() == at::kFloat) {
       const float* w = wt.data_ptr<float>();
       if (isa == Isa::avx512) act_sparse_avx512(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
+      else if (isa == Isa::avx2) act_sparse_avx2(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
       else act_sparse_portable(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
     } else {
       const uint16_t* w = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>());
       if (isa == Isa::avx512) act_sparse_avx512(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
+      else if (isa == Isa::avx2) act_sparse_avx2(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
       else act_sparse_portable(xp, w, yp, idx, n_idx, batch, in, out, o0, o1);
     }
   });

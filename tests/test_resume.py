@@ -1,0 +1,108 @@
+"""Killed runs resume to byte-identical weights; nothing about an unfinished or failed run is silently lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from compress import export
+from compress.cli import app
+from tests.conftest import build
+
+runner = CliRunner()
+ARGS = ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g16", "--nsamples", "4", "--seqlen", "32",
+        "--device", "cpu", "--save-every", "0"]
+
+# Runs the CLI in a child process that SIGKILLs itself once block KILL_AFTER's resume state is on disk.
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from compress import export
+    kill_after = int(os.environ["KILL_AFTER"])
+    save = export.StreamedOutput._save
+    def save_then_die(self, state):
+        save(self, state)
+        if state.next_block > kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    export.StreamedOutput._save = save_then_die
+    from compress.cli import app
+    app(sys.argv[1:])
+""")
+
+
+@pytest.fixture
+def deep_model(tmp_path, tokenizer):
+    folder = tmp_path / "deep"
+    build("llama", num_hidden_layers=5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _shards(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_killed_run_resumes_to_byte_identical_weights(deep_model, calib_txt, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    common = ["prune", str(deep_model), "--calib", str(calib_txt), *ARGS]
+    assert runner.invoke(app, [*common, "--out", str(whole)]).exit_code == 0
+
+    env = {**os.environ, "KILL_AFTER": "2", "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.run([sys.executable, "-c", KILLER, *common, "--out", str(killed)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    partial = export.partial_folder(killed)
+    assert not killed.exists() and json.loads((partial / export.RESUME_STATE).read_text())["state"]["next_block"] == 3
+
+    again = runner.invoke(app, [*common, "--out", str(killed)])
+    assert again.exit_code == 2 and "pass --resume" in again.output  # reported, not silently deleted
+    assert partial.is_dir()
+
+    resumed = runner.invoke(app, [*common, "--out", str(killed), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not partial.exists() and not (killed / "resume").exists()
+    assert _shards(killed) == _shards(whole)
+    layers = json.loads((killed / "compression.json").read_text())["report"]["layers"]
+    assert [r["name"] for r in layers] == [r["name"] for r in json.loads((whole / "compression.json").read_text())["report"]["layers"]]
+
+
+def test_resume_refuses_a_different_recipe_and_keeps_the_unfinished_run(deep_model, calib_txt, tmp_path):
+    out = tmp_path / "out"
+    common = ["prune", str(deep_model), "--calib", str(calib_txt), *ARGS]
+    env = {**os.environ, "KILL_AFTER": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", KILLER, *common, "--out", str(out)], env=env, capture_output=True, timeout=300)
+    partial = export.partial_folder(out)
+    before = _shards(partial)
+    other = [a if a != "w4g16" else "w4g32" for a in common]
+    result = runner.invoke(app, [*other, "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and "differs from this one in recipe" in result.output, result.output
+    assert _shards(partial) == before
+
+
+def test_a_failed_save_leaves_the_previous_output_and_says_why(deep_model, calib_txt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    common = ["prune", str(deep_model), "--calib", str(calib_txt), *ARGS, "--out", str(out)]
+    assert runner.invoke(app, common).exit_code == 0
+    previous = _shards(out)
+    source = _shards(deep_model)
+
+    from compress import checkpoint
+
+    real = checkpoint.ShardWriter.write
+
+    def disk_full_at_third_shard(self, k, tensors):
+        if k == 2:
+            raise OSError(28, "No space left on device", str(self.folder / self.shard_name(k)))
+        real(self, k, tensors)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "write", disk_full_at_third_shard)
+    result = runner.invoke(app, [*common, "--overwrite"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], result.output
+    assert _shards(out) == previous and _shards(deep_model) == source
+    assert (export.partial_folder(out) / export.RESUME_STATE).is_file()  # blocks 0-1 kept for --resume
