@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "cpu" / "kernels.cpp"]
 NAME = "compress_kernels"
+# -fopenmp: at::parallel_for's OpenMP pragma is compiled into the extension; without it the kernels run on one thread
+CFLAGS = ["-O3", "-fopenmp"]
 
 
 def cache_dir() -> Path:
     """``$COMPRESS_CACHE`` or ``~/.cache/compress``, then ``kernels/<torch version>-<source hash>``."""
     root = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return root / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -48,7 +50,8 @@ def ops():
         if not built:
             log.info("compiling compress's CPU kernels into %s (once per machine and torch version, about a minute)", folder)
         cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], build_directory=str(folder),
-                           extra_cflags=["-O3"], is_python_module=False, verbose=False)
+                           extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+                           verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means: use the reference path
         warnings.warn(f"compress's CPU kernels are unavailable ({str(err).splitlines()[0][:200]}); "
                       "using the slower pure-torch reference", RuntimeWarning, stacklevel=2)

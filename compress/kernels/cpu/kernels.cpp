@@ -9,7 +9,8 @@
 //
 // Each kernel has an AVX-512 path, an AVX2+FMA path and a portable one, chosen at run time from what the
 // CPU reports (functions are compiled per target with GCC/Clang target attributes). Work is split over
-// 16-row tiles (or output ranges) with at::parallel_for, so torch.set_num_threads governs it.
+// 16-row tiles (or output ranges) with at::parallel_for, so torch.set_num_threads governs it (the extension is
+// compiled with -fopenmp: without it at::parallel_for's OpenMP pragma is ignored and everything runs on one thread).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,6 +25,7 @@ namespace {
 
 constexpr int64_t TILE = 16;
 constexpr int64_t MAX_BATCH = 16;
+constexpr int64_t PREFETCH = 4096;  // bytes ahead of the packed-weight stream the kernels prefetch
 
 enum class Isa { portable, avx2, avx512 };
 
@@ -128,6 +130,7 @@ __attribute__((target("avx512f,avx512bw"))) void q4_dense_avx512_rows(const QArg
     const uint8_t* d = a.data + (t * half + g * a.group / 2) * TILE;
     const float* x = a.x + b0 * a.in + g * a.group;
     for (int64_t j = 0; j < a.group / 2; j += 2, d += 2 * TILE) {
+      _mm_prefetch((const char*)(d + PREFETCH), _MM_HINT_T0);  // the stream from DRAM, a few KB ahead
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)d));
       const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(d + TILE)));
       // nibble -> float: vpermps reads only an index's low 4 bits, so the low nibble needs no mask
@@ -254,7 +257,10 @@ __attribute__((target("avx512f,avx512bw"))) void q4_sparse24_avx512_rows(const Q
     __m512 acc0[B], acc1[B];
     for (int b = 0; b < B; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
     for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 2) {  // runs k, k+1 share a byte of codes
-      const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.pos + (t * (runs / 2) + k / 2) * TILE)));
+      const uint8_t* pos = a.pos + (t * (runs / 2) + k / 2) * TILE;
+      _mm_prefetch((const char*)(pos + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(a.data + (t * runs + k) * TILE + PREFETCH), _MM_HINT_T0);
+      const __m512i p = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)pos));
       for (int q = 0; q < 2; ++q) {
         const __m512i code = q ? _mm512_srli_epi32(p, 4) : p;  // vpermps reads the low 4 bits only
         const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(a.data + (t * runs + k + q) * TILE)));
