@@ -182,7 +182,8 @@ def prune(
                 "calibration": manifest.to_dict(),
                 "device": str(dev),
                 "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
-                                                symmetric=recipe.quant is None or recipe.quant.symmetric),
+                                                symmetric=recipe.quant is None or recipe.quant.symmetric,
+                                                sparse24=recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)),
                 "report": report.to_dict(),
             }
             output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space)

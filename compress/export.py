@@ -176,18 +176,25 @@ def _check_linear_modules(fmt: str, recipe, model) -> None:
                                   f"{type(module).__name__}: use --format dense")
 
 
-def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True) -> dict:
+def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, sparse24: bool = False) -> dict:
     """Bytes the compressed linears take in ``fmt`` vs the same linears dense in ``dtype`` (the model's);
-    ``symmetric``: quantized without zero points."""
+    ``symmetric``: quantized without zero points; ``sparse24``: 2:4-pruned (``packed`` stores them as
+    ``Q4Sparse24``)."""
+    from compress.kernels.formats import TILE
+
     size = torch.finfo(dtype).bits // 8
     dense = stored = 0
     for layer in report.layers:
         n_out, n_in = layer.shape
         dense += n_out * n_in * size
-        if fmt != "compressed-tensors" or layer.bits is None:
+        if layer.bits is None or fmt == "dense":
             stored += n_out * n_in * size
             continue
         groups = n_in // layer.group_size
+        if fmt == "packed":  # kernels.formats: 16-row tiles, fp32 scales (and unsigned zero points)
+            rows = -(-n_out // TILE) * TILE
+            stored += rows * n_in * (3 if sparse24 else 4) // 8 + rows * groups * 4 * (1 if symmetric else 2)
+            continue
         stored += n_out * math.ceil(n_in * layer.bits / 32) * 4 + n_out * groups * size + 2 * 8
         if not symmetric:
             stored += math.ceil(n_out * layer.bits / 32) * groups * 4

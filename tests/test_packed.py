@@ -59,6 +59,8 @@ def test_info_and_eval_read_a_packed_folder(saved_model, calib_txt, tmp_path):
     q_proj = rows["model.layers.0.self_attn.q_proj.weight"]
     assert q_proj["nm"] == "2:4" and q_proj["bits"] == 4 and q_proj["sparsity"] >= 0.5
     assert q_proj["bytes"] == 64 * 64 * 3 // 8 + 64 * 2 * 4  # 3 bits per weight + one fp32 scale per group
+    storage = json.loads((out / "compression.json").read_text())["storage"]
+    assert storage["linears_stored"] == sum(r["bytes"] for r in rows.values() if r["in_block"])
     result = runner.invoke(app, ["eval", str(out), "--ppl", str(calib_txt), "--seqlen", "32", "--limit", "2"])
     assert result.exit_code == 0, result.output
 
