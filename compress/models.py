@@ -166,7 +166,12 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
                     PackedEmbedding(linear, dtype))
         used.update(tensors, {f"{name}.bias"})
     materialize(model, checkpoint.read(sorted(names - used)), strict=False)
-    if not isinstance(model.get_output_embeddings(), PackedLinear):
+    if isinstance(model.get_output_embeddings(), PackedLinear):
+        # the packed weights carry the tie (PackedEmbedding reads lm_head's); transformers' tie_weights,
+        # which lm-eval calls, must not look for a dense embedding weight to tie
+        model.config.get_text_config().tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
+    else:
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:

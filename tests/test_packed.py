@@ -105,6 +105,7 @@ def test_quantized_lm_head_stays_tied_and_matches_the_dense_export(family, saved
     assert max(len(torch.unique(g)) for g in head.reshape(-1, 32)) <= 16  # on a 4-bit grid in the dense export too
     assert (reference.model.embed_tokens.weight.data_ptr() == head.data_ptr()) == tied
     assert isinstance(model.lm_head, PackedLinear)
+    model.tie_weights()  # lm-eval's HFLM calls it: a no-op, the packed weights carry the tie
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
