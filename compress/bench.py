@@ -95,7 +95,8 @@ def dense_twin(model: nn.Module) -> nn.Module:
 
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:]
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              use_cache=True)[0, ids.shape[1]:]
 
 
 def decode_speed(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict[str, float]:

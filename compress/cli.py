@@ -353,10 +353,11 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         start = time.perf_counter()
-        lm.generate(ids, max_new_tokens=1, do_sample=False)  # prefill and one token, timed apart
+        lm.generate(ids, max_new_tokens=1, do_sample=False, use_cache=True)  # prefill and one token, timed apart
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = lm.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+        out = lm.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                          use_cache=True)  # the saved generation config may say otherwise (calibration turns it off)
         total = time.perf_counter() - start
     new = out.shape[1] - ids.shape[1]
     typer.echo(prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
