@@ -234,7 +234,11 @@ def _ct_tensors(state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dt
     return state
 
 
-PACKED_PARTS = ("data", "pos", "scale", "zero")  # kernels.formats layouts' tensors, stored as NAME.packed_PART
+def _packed_state(name: str, packed) -> dict[str, torch.Tensor]:
+    """A ``kernels.formats`` layout's tensors as stored for linear ``name``: ``name.packed_<part>``."""
+    from compress.kernels.formats import PARTS
+
+    return {f"{name}.packed_{part}": getattr(packed, part) for part in PARTS if getattr(packed, part, None) is not None}
 
 
 def _packed_tensors(state: dict[str, torch.Tensor], quantized: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -250,9 +254,7 @@ def _packed_tensors(state: dict[str, torch.Tensor], quantized: dict) -> tuple[di
         layout = Q4Sparse24 if is_24 else Q4Dense
         packed = layout.pack(q.codes, grid.scale, grid.zero, grid.group_size)
         del state[f"{name}.weight"]
-        for part in PACKED_PARTS:
-            if getattr(packed, part, None) is not None:
-                state[f"{name}.packed_{part}"] = getattr(packed, part)
+        state.update(_packed_state(name, packed))
         layers[name] = {"layout": layout.__name__, "shape": list(packed.shape), "group_size": grid.group_size}
     return state, layers
 
@@ -278,9 +280,7 @@ def _quantized_lm_head(model, state: dict[str, torch.Tensor], recipe, fmt: str) 
         return None
     packed = Q4Dense.pack(codes, grid.scale, grid.zero, grid.group_size)
     del state[key]
-    for part in PACKED_PARTS:
-        if getattr(packed, part, None) is not None:
-            state[f"{head_name}.packed_{part}"] = getattr(packed, part)
+    state.update(_packed_state(head_name, packed))
     return {head_name: {"layout": "Q4Dense", "shape": list(packed.shape), "group_size": grid.group_size,
                         "tied_embedding": embedding_name if tied else None}}
 
@@ -472,7 +472,7 @@ def layer_table(folder: Path) -> list[dict]:
     Dense weights that were quantized (``--format dense``) take bits and group size from the folder's
     report; compressed-tensors and packed weights are unpacked to count their zeros.
     """
-    from compress.kernels.formats import unpack_int32
+    from compress.kernels.formats import PARTS, unpack_int32
     from compress.kernels.linear import LAYOUTS
 
     meta = read_metadata(folder) or {}
@@ -509,7 +509,7 @@ def layer_table(folder: Path) -> list[dict]:
             module = name[: -len(".packed_data")]
             info = packed[module]
             layout = LAYOUTS[info["layout"]]
-            parts = {p: read_tensor(index, f"{module}.packed_{p}") for p in ("pos", "scale", "zero")}
+            parts = {p: read_tensor(index, f"{module}.packed_{p}") for p in PARTS[1:]}
             if layout.__name__ != "Q4Sparse24":
                 del parts["pos"]
             weight = layout(data=t, **parts, shape=tuple(info["shape"]), group_size=info["group_size"])

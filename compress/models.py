@@ -138,7 +138,7 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress.checkpoint import Checkpoint, materialize
-    from compress.kernels.formats import Q4Sparse24
+    from compress.kernels.formats import PARTS, Q4Sparse24
     from compress.kernels.linear import LAYOUTS, PackedEmbedding, PackedLinear
 
     folder = Path(folder)
@@ -152,7 +152,7 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
     used = set()
     for name, info in packed.items():
         layout = LAYOUTS[info["layout"]]
-        keys = {p: f"{name}.packed_{p}" for p in ("data", "pos", "scale", "zero")}
+        keys = {p: f"{name}.packed_{p}" for p in PARTS}
         tensors = checkpoint.read([k for k in keys.values() if k in names])
         parts = {p: tensors.get(k) for p, k in keys.items() if p != "pos" or layout is Q4Sparse24}
         bias = checkpoint.read([f"{name}.bias"])[f"{name}.bias"] if f"{name}.bias" in names else None

@@ -29,6 +29,7 @@ from compress.activations.histogram import AbsHistogram
 from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
+from compress.checkpoint import release
 from compress.config import Recipe
 from compress.prune import InputStats, get
 from compress.quant.grid import QuantGrid
@@ -203,7 +204,7 @@ def split_groups(model: nn.Module, ignore: tuple[str, ...], load: Callable[[nn.M
         groups = probe_groups(blocks[0], probe, list(models.linears(blocks[0])))
     finally:
         if load is not None:
-            blocks[0].to("meta")
+            release(blocks[0])
     split = []
     for b in range(len(blocks)):
         for group in groups:

@@ -66,6 +66,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: i
 # time and never reduces across lanes. Rows are zero-padded to a multiple of 16.
 
 TILE = 16
+PARTS = ("data", "pos", "scale", "zero")  # the tensors a layout may hold (``pos``: Q4Sparse24 only; ``zero``: asymmetric)
 
 
 def _tiles(t: torch.Tensor) -> torch.Tensor:

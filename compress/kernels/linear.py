@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from compress.kernels import ops
-from compress.kernels.formats import Q4Dense, Q4Sparse24
+from compress.kernels.formats import PARTS, Q4Dense, Q4Sparse24
 
 LAYOUTS = {cls.__name__: cls for cls in (Q4Dense, Q4Sparse24)}
 PRODUCTS = {Q4Dense: ops.q4_dense_mm, Q4Sparse24: ops.q4_sparse24_mm}
@@ -20,7 +20,7 @@ class PackedLinear(nn.Module):
         self.layout = type(weight)
         self.out_features, self.in_features = weight.shape
         self.group_size = weight.group_size
-        self.parts = [p for p in ("data", "pos", "scale", "zero") if hasattr(weight, p)]
+        self.parts = [p for p in PARTS if hasattr(weight, p)]
         for part in self.parts:
             self.register_buffer(f"packed_{part}", getattr(weight, part))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
