@@ -87,6 +87,23 @@ def test_quantized_kernels_match_the_reference(isa, shape, symmetric):
                    reference.q4_sparse24_mm(x, sparse))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_compiled_dequantization_is_exactly_the_layouts_unpack(shape, symmetric):
+    kernels, _ = _isa_levels()
+    out, n_in, group = shape
+    codes, grid, W = _quantized(*shape, symmetric)
+    dense = Q4Dense.pack(codes, grid.scale, grid.zero, group)
+    assert torch.equal(kernels.q4_unpack(dense.data, None, dense.scale, dense.zero, out, group), dense.unpack())
+    codes, grid, W24 = _quantized(*shape, symmetric, sparse24=True)
+    sparse = Q4Sparse24.pack(codes, grid.scale, grid.zero, group)
+    unpacked = kernels.q4_unpack(sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group)
+    assert torch.equal(unpacked, sparse.unpack())
+    x = torch.randn(3, 40, n_in)  # prefill-sized: the wrappers dequantize and call the BLAS
+    _close(kops.q4_dense_mm(x, dense), x @ W.t())
+    _close(kops.q4_sparse24_mm(x, sparse), x @ W24.t())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_sparse_kernel_matches_the_reference(isa, dtype):
     gen = torch.Generator().manual_seed(2)

@@ -1,5 +1,5 @@
-"""Products with packed weights: the compiled kernels for batches of up to 16 rows (decode), else (prefill,
-or no compiler) the pure-torch reference.
+"""Products with packed weights: the compiled GEMV kernels for batches of up to 16 rows (decode); above that
+(prefill) the compiled dequantization and one BLAS product; without a compiler, the pure-torch reference.
 
 ``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``.
 """
@@ -19,22 +19,37 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
-def _use_kernel(x2: torch.Tensor):
+def _compiled(x2: torch.Tensor):
     kernels = ops()
-    return kernels if kernels is not None and x2.device.type == "cpu" and x2.shape[0] <= MAX_KERNEL_BATCH else None
+    return kernels if kernels is not None and x2.device.type == "cpu" else None
+
+
+def _use_kernel(x2: torch.Tensor):
+    k = _compiled(x2)
+    return k if k is not None and x2.shape[0] <= MAX_KERNEL_BATCH else None
 
 
 def q4_dense_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
     x2 = _rows(x)
-    k = _use_kernel(x2)
-    y = k.q4_dense_mm(x2, w.data, w.scale, w.zero, w.shape[0], w.group_size) if k else reference.q4_dense_mm(x2, w)
+    k = _compiled(x2)
+    if k is None:
+        y = reference.q4_dense_mm(x2, w)
+    elif x2.shape[0] <= MAX_KERNEL_BATCH:
+        y = k.q4_dense_mm(x2, w.data, w.scale, w.zero, w.shape[0], w.group_size)
+    else:
+        y = x2 @ k.q4_unpack(w.data, None, w.scale, w.zero, w.shape[0], w.group_size).t()
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def q4_sparse24_mm(x: torch.Tensor, w: Q4Sparse24) -> torch.Tensor:
     x2 = _rows(x)
-    k = _use_kernel(x2) if w.group_size % 8 == 0 else None
-    y = k.q4_sparse24_mm(x2, w.data, w.pos, w.scale, w.zero, w.shape[0], w.group_size) if k else reference.q4_sparse24_mm(x2, w)
+    k = _compiled(x2) if w.group_size % 8 == 0 else None
+    if k is None:
+        y = reference.q4_sparse24_mm(x2, w)
+    elif x2.shape[0] <= MAX_KERNEL_BATCH:
+        y = k.q4_sparse24_mm(x2, w.data, w.pos, w.scale, w.zero, w.shape[0], w.group_size)
+    else:
+        y = x2 @ k.q4_unpack(w.data, w.pos, w.scale, w.zero, w.shape[0], w.group_size).t()
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -1,4 +1,5 @@
-// The project's CPU kernels: batch-1..16 matrix-vector products with packed weights (decode's hot loop).
+// The project's CPU kernels: batch-1..16 matrix-vector products with packed weights (decode's hot loop), and
+// the packed weights' dequantization for larger batches (prefill), which a BLAS product then consumes.
 //
 // Layouts are defined in compress/kernels/formats.py (the only place that knows them); in short:
 //   q4_dense:    16-row tiles; byte [t, j, r] holds nibbles u[16t+r, 2j] (low) and u[16t+r, 2j+1] (high);
@@ -484,6 +485,55 @@ at::Tensor act_sparse_mm(const at::Tensor& x, const at::Tensor& wt) {
   return y;
 }
 
+// Dequantized fp32 weights (out, in) of a q4_dense (pos undefined) or q4_sparse24 layout: prefill's path, where
+// one BLAS product over many rows beats any GEMV kernel and the dequantization is a small share of the time.
+at::Tensor q4_unpack(const at::Tensor& data, const c10::optional<at::Tensor>& pos, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.dim() == 3, "packed data must be contiguous uint8 (tiles, k, 16)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous fp32");
+  if (zero) TORCH_CHECK(zero->scalar_type() == at::kFloat && zero->is_contiguous() && zero->sizes() == scale.sizes(), "zero must match scale");
+  const bool sparse = pos.has_value();
+  const int64_t in = data.size(1) * (sparse ? 4 : 2), groups = scale.size(1);
+  TORCH_CHECK(groups * group == in && scale.size(0) == data.size(0) && data.size(0) * TILE >= out, "scale shape ", scale.sizes(), " does not fit");
+  if (sparse) TORCH_CHECK(pos->scalar_type() == at::kByte && pos->is_contiguous() && pos->size(1) * 2 == data.size(1), "pos does not match data");
+  at::Tensor w = at::empty({out, in}, scale.options());
+  const uint8_t* d = data.data_ptr<uint8_t>();
+  const uint8_t* p = sparse ? pos->data_ptr<uint8_t>() : nullptr;
+  const float* s = scale.data_ptr<float>();
+  const float* z = zero ? zero->data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  const int64_t k = data.size(1);
+  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t t = row / TILE, lane = row % TILE;
+      const uint8_t* dt = d + t * k * TILE + lane;
+      const float* st = s + t * groups * TILE + lane;
+      const float* zt = z ? z + t * groups * TILE + lane : nullptr;
+      float* wr = wp + row * in;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sc = st[g * TILE], zp = zt ? zt[g * TILE] : 8.0f;
+        if (!sparse) {
+          for (int64_t j = g * group / 2; j < (g + 1) * group / 2; ++j) {
+            const uint8_t b = dt[j * TILE];
+            wr[2 * j] = (float(b & 15) - zp) * sc;
+            wr[2 * j + 1] = (float(b >> 4) - zp) * sc;
+          }
+        } else {
+          for (int64_t run = g * group / 4; run < (g + 1) * group / 4; ++run) {
+            const uint8_t b = dt[run * TILE];
+            const uint8_t code = (p[t * (k / 2) * TILE + (run / 2) * TILE + lane] >> (4 * (run % 2))) & 15;
+            float* w4 = wr + 4 * run;
+            w4[0] = w4[1] = w4[2] = w4[3] = 0.0f;
+            w4[code & 3] = (float(b & 15) - zp) * sc;
+            w4[code >> 2] = (float(b >> 4) - zp) * sc;
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+
 // 0 portable, 1 AVX2, 2 AVX-512; set_isa forces one (for tests of every path on one machine).
 int64_t isa() { return static_cast<int64_t>(chosen()); }
 int64_t set_isa(int64_t level) {
@@ -499,6 +549,7 @@ TORCH_LIBRARY(compress_kernels, m) {
   m.def("q4_dense_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_dense_mm);
   m.def("q4_sparse24_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_sparse24_mm);
   m.def("act_sparse_mm(Tensor x, Tensor wt) -> Tensor", &act_sparse_mm);
+  m.def("q4_unpack(Tensor data, Tensor? pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_unpack);
   m.def("isa() -> int", &isa);
   m.def("set_isa(int level) -> int", &set_isa);
 }
