@@ -92,8 +92,8 @@ def test_unknown_task_is_one_line_exit_2(saved_model, task_dir):
     assert "lm-eval has no task 'no_such_task'" in result.output
 
 
-def _result(path, ppl, acc, recipe=None, sparsity=0.0):
-    compression = {"recipe": recipe, "report": {"sparsity": sparsity, "layers": []}} if recipe else None
+def _result(path, ppl, acc, recipe=None, sparsity=0.0, weights_format="dense"):
+    compression = {"recipe": recipe, "format": weights_format, "report": {"sparsity": sparsity, "layers": []}} if recipe else None
     path.write_text(json.dumps({"model": str(path), "ppl": ppl, "compression": compression,
                                 "zero_shot": {"mean_accuracy": acc, "tasks": {"arc_easy": {"acc": acc}}}}))
     return path
@@ -103,13 +103,14 @@ def test_report_puts_dense_first_with_deltas_and_writes_plots(tmp_path):
     wanda = lambda s: {"prune": {"method": "wanda", "pattern": {"sparsity": s, "n": 0, "m": 0}}}  # noqa: E731
     files = [_result(tmp_path / "w50.json", 40.0, 0.50, wanda(0.5), 0.5),
              _result(tmp_path / "dense.json", 20.0, 0.60),
-             _result(tmp_path / "w30.json", 25.0, 0.58, wanda(0.3), 0.3)]
+             _result(tmp_path / "w30.json", 25.0, 0.58, wanda(0.3), 0.3, "packed")]
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", *map(str, files), "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0].strip("| ") for r in rows] == ["dense", "w30", "w50"]
     assert "| +20.00 |" in rows[2] and "| -0.1000 |" in rows[2]
+    assert [r.split(" | ")[2] for r in rows] == ["dense", "packed", "dense"]
     for png in ("ppl.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 1000
 

@@ -18,6 +18,7 @@ class Run:
     ppl: float | None
     accuracy: float | None  # mean of the tasks' acc
     tasks: dict[str, float]
+    weights_format: str = "dense"  # how the folder stores its weights: dense, compressed-tensors or packed
 
     @property
     def is_dense(self) -> bool:
@@ -49,7 +50,8 @@ def read_run(path: Path) -> Run:
     return Run(name=Path(path).stem, method=" + ".join(parts) or "dense",
                sparsity=(meta.get("report") or {}).get("sparsity", 0.0), bits=max(bits) if bits else None,
                ppl=data.get("ppl"), accuracy=zs.get("mean_accuracy"),
-               tasks={t: m["acc"] for t, m in (zs.get("tasks") or {}).items() if "acc" in m})
+               tasks={t: m["acc"] for t, m in (zs.get("tasks") or {}).items() if "acc" in m},
+               weights_format=meta.get("format") or "dense")
 
 
 def markdown(runs: list[Run]) -> str:
@@ -57,7 +59,7 @@ def markdown(runs: list[Run]) -> str:
     runs = sorted(runs, key=lambda r: (not r.is_dense, r.method, r.sparsity))
     dense = next((r for r in runs if r.is_dense), None)
     tasks = sorted({t for r in runs for t in r.tasks})
-    head = ["run", "method", "sparsity", "bits", "ppl", "Δppl", "mean acc", "Δacc", *tasks]
+    head = ["run", "method", "format", "sparsity", "bits", "ppl", "Δppl", "mean acc", "Δacc", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(v, spec=".2f"):
@@ -67,7 +69,7 @@ def markdown(runs: list[Run]) -> str:
         return "" if value is None or base is None or dense is None else format(value - base, "+" + spec)
 
     for r in runs:
-        cells = [r.name, r.method, fmt(r.sparsity, ".3f"), fmt(r.bits, "g"), fmt(r.ppl),
+        cells = [r.name, r.method, r.weights_format, fmt(r.sparsity, ".3f"), fmt(r.bits, "g"), fmt(r.ppl),
                  delta(r.ppl, dense.ppl if dense else None, ".2f"), fmt(r.accuracy, ".4f"),
                  delta(r.accuracy, dense.accuracy if dense else None, ".4f"), *[fmt(r.tasks.get(t), ".4f") for t in tasks]]
         lines.append("| " + " | ".join(cells) + " |")
