@@ -99,28 +99,34 @@ def solve(
     original = columns.tolist() if columns is not None else range(n_in)
     for i1 in range(0, n_in, blocksize):
         i2 = min(i1 + blocksize, n_in)
-        W1 = W[:, i1:i2].clone()  # (out, b)
-        Err1 = torch.zeros_like(W1)  # (out, b)
+        # The block runs transposed, (b, out): each column is a contiguous row, so each step is two small ops.
+        W1 = W[:, i1:i2].t().contiguous()  # (b, out)
+        Err1 = torch.empty_like(W1)  # (b, out)
         Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
         d = Hinv1.diagonal()  # (b,)
         if pattern is not None and not pattern.is_nm:
-            saliency = W1**2 / d**2  # (out, b)
+            saliency = W1.t() ** 2 / d**2  # (out, b)
             if pattern.group:
                 saliency = saliency.reshape(n_out, -1, pattern.group).sum(-1)  # (out, b/g)
             flat = saliency.reshape(1, -1)
             kept = masks.prune_lowest(flat, masks.n_pruned(flat.numel(), pattern.sparsity)).reshape(saliency.shape)
             keep[:, i1:i2] = kept.repeat_interleave(pattern.group, dim=1) if pattern.group else kept
+        # error per unit of weight: 1/d where pruned, 0 where kept (N:M fills it m columns at a time)
+        dropped = (~keep[:, i1:i2]).t().to(W1.dtype) / d[:, None]  # (b, out)
         for i in range(i2 - i1):
             if pattern is not None and pattern.is_nm and i % pattern.m == 0:
-                saliency = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m] ** 2  # (out, m)
-                keep[:, i1 + i : i1 + i + pattern.m] = masks.prune_lowest(saliency, pattern.m - pattern.n)
-            w = W1[:, i]  # (out,)
-            q = w if round_column is None else round_column(w, original[i1 + i])
-            q = q * keep[:, i1 + i]
-            err = (w - q) / d[i]  # (out,)
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+                saliency = W1[i : i + pattern.m].t() ** 2 / d[i : i + pattern.m] ** 2  # (out, m)
+                kept = masks.prune_lowest(saliency, pattern.m - pattern.n)  # (out, m)
+                keep[:, i1 + i : i1 + i + pattern.m] = kept
+                torch.div((~kept).t().to(W1.dtype), d[i : i + pattern.m, None], out=dropped[i : i + pattern.m])
+            if round_column is None:
+                torch.mul(W1[i], dropped[i], out=Err1[i])  # (w - w·keep) / d
+                W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)  # row i itself becomes w·keep, up to rounding
+            else:
+                q = round_column(W1[i], original[i1 + i]) * keep[:, i1 + i]  # (out,)
+                torch.div(W1[i] - q, d[i], out=Err1[i])
+                W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
+                W1[i] = q  # exactly on the grid
+        W[:, i1:i2] = W1.t() * keep[:, i1:i2]  # pruned weights exactly zero
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
     return Result(W=W, mask=keep)
