@@ -99,6 +99,9 @@ def prune(
                                               "from its last saved block; refused if anything about the run differs.")] = False,
     save_every: Annotated[float, typer.Option(help="Seconds between saves of the resume state (0: after every "
                                                    "block).")] = 60.0,
+    max_memory: Annotated[str, typer.Option(help="Memory budget of the calibration activations, e.g. 8GiB or 500MB; "
+                                            "auto: 80% of the device's available memory; 0: no limit. Over it, "
+                                            "blocks run bounded (same result, ~2.4x the forward work).")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
@@ -133,6 +136,8 @@ def prune(
         check_source(calib)
         export.check_output(out, overwrite)
         dev = models.resolve_device(device)
+        if max_memory.strip().lower() != "auto":
+            _memory_budget(max_memory, dev)  # a typo fails before the model loads
         t0 = time.perf_counter()
         opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
         lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
@@ -150,6 +155,7 @@ def prune(
             calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
             recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg, act_cfg, quant_lm_head)
         tokens, manifest = calibration_batches(tokenizer, calib_cfg)
+        plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
         fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
         export.check_resume(out, resume, fingerprint)
         if act_cfg is not None:
@@ -160,6 +166,7 @@ def prune(
         _fail(str(err))
     log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
              model, time.perf_counter() - t0, calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.source, seed)
+    log.info("%s", plan.describe())
 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -174,7 +181,7 @@ def prune(
                     bar.update()
 
                 report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
-                                                      on_block=on_block, io=output)
+                                                      on_block=on_block, io=output, bounded=plan.bounded)
             metadata = {
                 "source_model": model,
                 "recipe": recipe.to_dict(),
@@ -191,6 +198,41 @@ def prune(
         _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
     log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
     _print_prune_summary(report, out, metadata["storage"])
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _memory_budget(spec: str, device) -> int | None:
+    """``--max-memory`` in bytes; ``None`` for no limit. ``auto`` is measured when called (after loading).
+
+    Raises:
+        ValueError: not a size.
+    """
+    text = spec.strip().lower()
+    if text == "auto":
+        if device.type == "cuda":
+            import torch
+
+            return int(0.8 * torch.cuda.mem_get_info(device)[0])
+        return int(0.8 * _available_ram())
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?", text)
+    if not match:
+        raise ValueError(f"--max-memory {spec!r} is not a size: write e.g. 8GiB, 500MB, auto, or 0 for no limit")
+    size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    return size or None
+
+
+def _available_ram() -> int:
+    """Bytes the kernel reports available (MemAvailable), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _fingerprint(model: str, recipe, fmt: str, manifest, chunk_samples: int, dtype: str) -> dict:

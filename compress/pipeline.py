@@ -10,7 +10,12 @@ done in ONE forward over the calibration set, split into chunks for memory and s
     once every chunk is parked at the group, the group is compressed and the workers resume in turn.
 
 So the cost is one forward per block whatever the number of chunks, and memory is one chunk's activations
-plus what each parked chunk holds at a group boundary.
+plus what each parked chunk holds at a group boundary (``plan_memory`` estimates it).
+
+When that does not fit the memory budget, the block runs *bounded*: for each group in turn, every chunk runs
+the block from its input up to that group (the groups before it already compressed), feeds the statistics
+and stops; a last pass makes the outputs. Same statistics in the same order, so the same result, for about
+2-2.5x the forward work, and memory is the block's input and output hidden states plus one chunk's activations.
 """
 
 from __future__ import annotations
@@ -168,6 +173,68 @@ def check(model: nn.Module, recipe: Recipe) -> None:
             raise ValueError(f"--act-sparsity-file names {unknown[0]!r}, not a compressed linear (e.g. {targets[0]})")
 
 
+@dataclass
+class MemoryPlan:
+    """What a run's calibration activations will take (bytes), and whether the block forward must run bounded."""
+
+    boundary: int  # one copy of the hidden states between two blocks, all chunks
+    parked: int  # the one-forward mode at its deepest group: inputs + every chunk's live activations
+    bounded_need: int  # the bounded mode: inputs + outputs + one chunk's activations
+    block_weights: int  # one decoder block's weights
+    budget: int | None
+    bounded: bool
+
+    def describe(self) -> str:
+        mode = ("bounded: recomputes each block's upstream groups, ~2.4x the forward work" if self.bounded
+                else "one forward per block")
+        budget = f", budget {_size(self.budget)}" if self.budget is not None else ""
+        return (f"memory plan: one block's weights {_size(self.block_weights)}, calibration hidden states "
+                f"{_size(self.boundary)} per copy; one-forward mode needs ~{_size(self.parked)}, bounded "
+                f"~{_size(self.bounded_need)}{budget} -> {mode}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
+
+
+def plan_memory(model: nn.Module, nsamples: int, seqlen: int, budget: int | None,
+                chunk_samples: int | None = None) -> MemoryPlan:
+    """Estimate the activation memory of compressing ``model`` on ``nsamples x seqlen`` tokens, and pick the
+    mode: one forward with parked chunks when it fits ``budget`` bytes (or no budget is given), else bounded.
+
+    The estimate takes the widest linear output of a block as its intermediate width: a parked chunk holds at
+    most its residual plus the input of the last group (the MLP's intermediate activations).
+
+    Raises:
+        ValueError: even the bounded mode does not fit ``budget``.
+    """
+    _, blocks = models.decoder_blocks(model)
+    block = blocks[0]
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    widths = [models.weight_view(m).shape[0] for m in models.linears(block).values()]
+    hidden = hidden or min(widths)
+    inter = max(widths + [hidden])
+    elt = next(iter(block.parameters())).element_size()
+    tokens = nsamples * seqlen
+    chunk_tokens = min(nsamples, chunk_samples or DEFAULT_CHUNK_SAMPLES) * seqlen
+    transient = chunk_tokens * 4 * inter * elt  # one chunk's forward: gate, up, their product, activation
+    boundary = tokens * hidden * elt
+    parked = boundary + tokens * (hidden + inter) * elt + transient
+    bounded_need = 2 * boundary + transient
+    weights = sum(p.numel() * p.element_size() for p in block.parameters())
+    bounded = budget is not None and parked + weights > budget
+    plan = MemoryPlan(boundary, parked, bounded_need, weights, budget, bounded)
+    if bounded and bounded_need + weights > budget:
+        raise ValueError(f"calibration needs ~{_size(bounded_need + weights)} even bounded "
+                         f"({nsamples} x {seqlen} tokens), over the {_size(budget)} budget: lower "
+                         f"--nsamples or --seqlen, or raise --max-memory")
+    return plan
+
+
 class BlockIO(Protocol):
     """Where the driver's blocks come from and go to when the model is not (all) in memory: e.g. read from a
     checkpoint when reached, written to an output shard and dropped when done (``export.StreamedOutput``)."""
@@ -275,6 +342,7 @@ class _BlockCompressor:
                 if up is not None:
                     self.up_outputs[name] = (up, UpOutput(collecting=True))
         self._local = threading.local()
+        self._stop_at: int | None = None  # bounded mode: the group the current pass stops at
 
     def hook(self, name: str, module: nn.Module, args: tuple):
         """Pre-hook, run in a worker: feed the group's statistics once per chunk and park until the group is
@@ -291,7 +359,12 @@ class _BlockCompressor:
             if len(self.stats[g]) > 2:  # activation histogram: of the gate activations for CHESS's gated MLPs
                 a = gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x
                 self.stats[g][2].update(a.reshape(-1, a.shape[-1])[:: self.hist_stride])
-            self._park(g)
+            if self._stop_at is None:
+                self._park(g)
+            elif g == self._stop_at:
+                raise _Stop  # bounded: this pass only had to reach the group
+            else:
+                raise RuntimeError(f"{self.block_name}: group {self.groups[g]} ran before {self.groups[self._stop_at]}")
         sparsifier = self.sparsifiers.get(name)
         return sparsifier(module, args) if sparsifier else None
 
@@ -364,6 +437,31 @@ class _BlockCompressor:
                 h.remove()
         return outputs
 
+    def run_bounded(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
+        """``run``'s result with one chunk's activations alive at a time (module docstring): per group, a pass
+        over the chunks that stops at it; then a pass for the outputs."""
+        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
+        handles += [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
+        try:
+            for g, names in enumerate(self.groups):
+                self._stop_at = g
+                for inp in inputs:
+                    try:
+                        _forward(block, inp)
+                    except _Stop:
+                        continue
+                    raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
+                self._compress_group(g)
+            self._stop_at = None
+            outputs = [_forward(block, inp) for inp in inputs]
+            for report in self.reports:
+                sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
+                report.act_sparsity = sparsifier.sparsity if sparsifier else None
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
     @torch.no_grad()
     def _compress_group(self, g: int) -> None:
         gram, norms, *hist = self.stats.pop(g)
@@ -420,6 +518,7 @@ def compress_sequential(
     histogram_tokens: int = 16384,
     on_block: Callable[[BlockReport, int], None] | None = None,
     io: BlockIO | None = None,
+    bounded: bool = False,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.
 
@@ -438,6 +537,8 @@ def compress_sequential(
         on_block: called after each block with its report and the number of blocks.
         io: loads each block before and takes it after (then its quantized linears go to ``io``, not the
             report); without it the model is compressed in memory.
+        bounded: run each block bounded (module docstring; ``plan_memory`` decides): the same result with
+            one chunk's activations alive at a time.
 
     Returns:
         Report with one LayerReport per compressed linear, and the integer form of quantized ones.
@@ -483,7 +584,7 @@ def compress_sequential(
         targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
         groups = probe_groups(block, probe, targets)
         compressor = _BlockCompressor(block, groups, recipe, block_name, gram_stride, hist_stride)
-        outputs = compressor.run(block, inputs)
+        outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)

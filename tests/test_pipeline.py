@@ -115,3 +115,41 @@ def test_every_family_quantizes_each_row_group_onto_its_grid(family):
         torch.testing.assert_close(W, q.grid.decode(q.codes))
         torch.testing.assert_close(W, (q.codes.float() - q.grid.zero.repeat_interleave(16, 1)) * q.grid.scale.repeat_interleave(16, 1))
         assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2).all(), name
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_bounded_blocks_give_exactly_the_one_forward_result(family):
+    """Recomputing each group's upstream part per chunk (the memory-bounded mode) feeds the same statistics in
+    the same order: identical weights, quantization, activation thresholds and report errors."""
+    from compress.config import ActConfig, QuantConfig
+
+    act_method = "chess" if family == "llama" else "wina"  # chess: the gated MLP's up-output hook too
+    recipe = Recipe(prune=PruneConfig("sparsegpt", Pattern.parse(pattern="2:4")), quant=QuantConfig(4, 32),
+                    act=ActConfig(sparsity=0.4, method=act_method))
+    tokens = _tokens()
+    reports, weights = [], []
+    for bounded in (False, True):
+        model = build(family)
+        reports.append(compress_sequential(model, tokens, recipe, chunk_samples=2, bounded=bounded))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, W in weights[0].items():
+        assert torch.equal(W, weights[1][name]), name
+    assert [(r.name, r.rel_error, r.act_sparsity) for r in reports[0].layers] == \
+           [(r.name, r.rel_error, r.act_sparsity) for r in reports[1].layers]
+    for name, t in reports[0].act_thresholds.items():
+        assert torch.equal(t, reports[1].act_thresholds[name]), name
+
+
+def test_memory_plan_goes_bounded_over_budget_and_refuses_what_cannot_fit():
+    from compress.pipeline import plan_memory
+
+    model = build("llama")  # hidden 64, intermediate 128, fp32
+    free = plan_memory(model, 128, 512, None)
+    assert not free.bounded and free.boundary == 128 * 512 * 64 * 4
+    assert free.parked > free.bounded_need > 2 * free.boundary - 1
+    fits = plan_memory(model, 128, 512, free.parked + free.block_weights)
+    assert not fits.bounded
+    tight = plan_memory(model, 128, 512, free.bounded_need + free.block_weights)
+    assert tight.bounded and "bounded" in tight.describe()
+    with pytest.raises(ValueError, match="lower --nsamples or --seqlen, or raise --max-memory"):
+        plan_memory(model, 128, 512, free.bounded_need)

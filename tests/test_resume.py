@@ -106,3 +106,22 @@ def test_a_failed_save_leaves_the_previous_output_and_says_why(deep_model, calib
     assert len(errors) == 1 and "No space left on device" in errors[0], result.output
     assert _shards(out) == previous and _shards(deep_model) == source
     assert (export.partial_folder(out) / export.RESUME_STATE).is_file()  # blocks 0-1 kept for --resume
+
+
+def test_max_memory_runs_bounded_to_the_same_weights_and_refuses_what_cannot_fit(deep_model, calib_txt, tmp_path, caplog):
+    common = ["prune", str(deep_model), "--calib", str(calib_txt), *ARGS]
+    free, tight = tmp_path / "free", tmp_path / "tight"
+    assert runner.invoke(app, [*common, "--out", str(free), "--max-memory", "0"]).exit_code == 0
+    # 4 x 32 tokens: hidden states 32 KiB per copy; 700 KB fits the bounded mode and a block, not the parked one
+    with caplog.at_level("INFO", logger="compress"):
+        result = runner.invoke(app, [*common, "--out", str(tight), "--max-memory", "500KB"])
+    assert result.exit_code == 0, result.output
+    assert "-> bounded" in caplog.text
+    assert _shards(tight) == _shards(free)
+
+    for budget, message in (("50KB", "lower --nsamples or --seqlen, or raise --max-memory"),
+                            ("lots", "--max-memory 'lots' is not a size")):
+        out = tmp_path / f"refused-{budget}"
+        result = runner.invoke(app, [*common, "--out", str(out), "--max-memory", budget])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not out.exists() and not export.partial_folder(out).exists()
