@@ -4,16 +4,24 @@ Builds synthetic Llama-architecture checkpoints here (random weights, std 0.02, 
 per block, written block by block so building them never holds the model either): by default 3.4B
 parameters (hidden 3200, MLP 8640, 26 layers, SmolLM2's tokenizer and vocabulary, untied lm_head, ~6.9 GB)
 and the same width at 8 layers, so that peak RSS can be compared across depths. Each prune runs as its own
-process, one at a time; wall time, and peak RSS from GNU time (``quality.timed``).
+process, one at a time; wall time, and peak RSS from GNU time (``quality.timed``). With ``--resume-demo``,
+a Wanda run on the deepest model is killed with SIGKILL once its resume state passes a third of the blocks,
+resumed with ``--resume``, and its weight files compared byte for byte with the uninterrupted run's.
 
-    python benchmarks/streaming.py --work bench-big --json streaming.json
+The prunes run ``python -m compress.cli`` from the current directory's package when there is one (so a git
+worktree can be benchmarked while the main checkout changes), else the installed one.
+
+    python benchmarks/streaming.py --work bench-big --json streaming.json [--resume-demo]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +72,41 @@ def build(folder: Path, layers: int, seed: int = 0) -> Path:
     return folder
 
 
+def _prune_args(model: Path, method: str, args) -> list[str]:
+    return [str(model), "--method", method, "--sparsity", "0.5", "--calib", str(args.data / "valid.txt"),
+            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu"]
+
+
+def resume_demo(compress_cmd: list[str], model: Path, whole: Path, out: Path, layers: int, args) -> dict:
+    """SIGKILL a run once its saved state passes a third of the blocks; resume it; compare weight files."""
+    from compress import export
+
+    cmd = [*compress_cmd, "prune", *_prune_args(model, "wanda", args), "--out", str(out), "--save-every", "0"]
+    partial = export.partial_folder(out)
+    state_file = partial / export.RESUME_STATE
+    with open(args.work / "resume-killed.log", "w") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        killed_at = None
+        while child.poll() is None:
+            try:
+                killed_at = json.loads(state_file.read_text())["state"]["next_block"]
+            except (OSError, ValueError, KeyError):
+                killed_at = None
+            if killed_at is not None and killed_at > layers // 3:
+                child.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.5)
+        child.wait()
+    if killed_at is None or child.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"the run to kill ended with {child.returncode} before its state passed block {layers // 3}")
+    run = timed([*cmd, "--resume"], args.work / "resume-resumed.log")
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    identical = shards == sorted(p.name for p in out.glob("*.safetensors")) and all(
+        (whole / n).read_bytes() == (out / n).read_bytes() for n in shards)
+    return {"killed_after_blocks": killed_at, "blocks": layers, "resumed": run, "weight_files": len(shards),
+            "byte_identical": identical}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-big"))
@@ -73,8 +116,10 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--resume-demo", action="store_true", help="kill -9 a Wanda run on the deepest model, resume it, "
+                    "compare its weight files with the uninterrupted run's (needs wanda in --methods)")
     args = ap.parse_args()
-    compress_bin = str(Path(sys.executable).with_name("compress"))
+    compress_cmd = [sys.executable, "-m", "compress.cli"]
     results = {}
     for layers in args.layers:
         model = build(args.work / f"llama-{layers}L-bf16", layers)
@@ -82,12 +127,15 @@ def main() -> None:
         for method in args.methods:
             name = f"{method}-{layers}L"
             out = args.work / f"out-{name}"
-            run = timed([compress_bin, "prune", str(model), "--method", method, "--sparsity", "0.5",
-                         "--calib", str(args.data / "valid.txt"), "--nsamples", str(args.nsamples),
-                         "--seqlen", str(args.seqlen), "--device", "cpu", "--out", str(out), "--overwrite"],
+            run = timed([*compress_cmd, "prune", *_prune_args(model, method, args), "--out", str(out), "--overwrite"],
                         args.work / f"{name}.log")
             results[name] = {"layers": layers, "checkpoint_bytes": size, **run}
             print(name, json.dumps(results[name]), flush=True)
+    if args.resume_demo:
+        layers = max(args.layers)
+        results["resume"] = resume_demo(compress_cmd, args.work / f"llama-{layers}L-bf16", args.work / f"out-wanda-{layers}L",
+                                        args.work / "resumed", layers, args)
+        print("resume", json.dumps(results["resume"]), flush=True)
     out_json = args.json or args.work / "streaming.json"
     out_json.write_text(json.dumps({"protocol": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2))
 
