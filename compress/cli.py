@@ -107,6 +107,7 @@ def prune(
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
     from compress import export, models, pipeline
     from compress.calibration.data import calibration_batches, check_source
+    from compress.kernels import allocator
     from compress.checkpoint import load_module
     from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
@@ -180,8 +181,9 @@ def prune(
                     bar.set_postfix(err=f"{block_report.mean_error:.4f}")
                     bar.update()
 
-                report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
-                                                      on_block=on_block, io=output, bounded=plan.bounded)
+                with allocator.reuse_large_blocks(_block_cache_bytes(plan) if dev.type == "cpu" else 0):
+                    report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
+                                                          on_block=on_block, io=output, bounded=plan.bounded)
             metadata = {
                 "source_model": model,
                 "recipe": recipe.to_dict(),
@@ -198,6 +200,13 @@ def prune(
         _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
     log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
     _print_prune_summary(report, out, metadata["storage"])
+
+
+def _block_cache_bytes(plan) -> int:
+    """How much freed activation memory the run may keep for reuse: what one chunk's forward churns through,
+    within a quarter of the budget."""
+    cap = int(os.environ.get("COMPRESS_BLOCK_CACHE_MB", "512")) << 20
+    return min(cap, plan.budget // 4) if plan.budget else cap
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

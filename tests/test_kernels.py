@@ -128,3 +128,27 @@ def test_wrappers_fall_back_to_the_reference_without_kernels(monkeypatch):
     _close(with_kernels, without)
     big = torch.randn(40, 128)  # a prefill-sized batch goes to the reference either way
     _close(kops.q4_dense_mm(big, packed), big @ W.t())
+
+
+def test_large_block_cache_hands_freed_blocks_back_within_its_cap():
+    from compress.kernels import allocator
+
+    kernels, _ = _isa_levels()
+    a = torch.randn(512, 1024)  # 2 MiB
+    with allocator.reuse_large_blocks(8 << 20) as active:
+        assert active
+        b = a * 2
+        address = b.data_ptr()
+        del b
+        c = a * 3
+        assert c.data_ptr() == address and torch.equal(c, a * 3)  # the freed block came back, rewritten
+        small = torch.ones(10) * 2  # under min_bytes: torch's own allocator
+        many = [torch.empty(1 << 20) for _ in range(6)]  # 4 MiB each: 24 MiB freed, 8 MiB may stay
+        del many
+        hits, misses, cached, cap = kernels.cpu_cache_stats()
+        assert hits >= 1 and cap == 8 << 20 and 0 < cached <= cap
+    hits_after, _, cached_after, cap_after = kernels.cpu_cache_stats()
+    assert cached_after == 0 and cap_after == 0  # emptied and torch's allocator back
+    d = a * 4  # allocated by torch's allocator again; c (from the cache) frees through its own deleter
+    del c
+    assert torch.equal(d, a * 4) and kernels.cpu_cache_stats()[2] == 0 and small.sum() == 20
