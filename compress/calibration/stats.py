@@ -90,15 +90,18 @@ def _add_upper_gram_(acc: torch.Tensor, x: torch.Tensor, min_split: int = 1024, 
         acc[i : i + b, i:].addmm_(x[:, i : i + b].t(), x[:, i:])  # (b, t) @ (t, n - i)
 
 
-def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor) -> float:
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, rows: int = 1024) -> float:
     """Relative output error ``‖WX − ŴX‖_F / ‖WX‖_F`` on the inputs summarized by Gram matrix ``G``.
 
     Args:
         W, W_hat: ``(out, in)`` original and compressed weights.
         G: ``(in, in)`` mean of ``x xᵀ`` over the calibration tokens.
+        rows: output rows per step (bounds the temporaries to a few ``(rows, in)`` matrices).
     """
-    W = W.to(G.dtype)
-    dW = W - W_hat.to(G.dtype)  # (out, in)
-    num = ((dW @ G) * dW).sum().clamp_min(0)
-    den = ((W @ G) * W).sum()
-    return float((num / den).sqrt()) if den > 0 else 0.0
+    num = den = torch.zeros((), dtype=G.dtype, device=G.device)
+    for start in range(0, W.shape[0], rows):
+        w = W[start : start + rows].to(G.dtype)  # (rows, in)
+        dw = w - W_hat[start : start + rows].to(G.dtype)
+        num = num + ((dw @ G) * dw).sum()
+        den = den + ((w @ G) * w).sum()
+    return float((num.clamp_min(0) / den).sqrt()) if den > 0 else 0.0
