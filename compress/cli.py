@@ -205,7 +205,7 @@ def prune(
 def _block_cache_bytes(plan) -> int:
     """How much freed activation memory the run may keep for reuse: what one chunk's forward churns through,
     within a quarter of the budget."""
-    cap = int(os.environ.get("COMPRESS_BLOCK_CACHE_MB", "512")) << 20
+    cap = int(os.environ.get("COMPRESS_BLOCK_CACHE_MB", "256")) << 20
     return min(cap, plan.budget // 4) if plan.budget else cap
 
 
