@@ -2,7 +2,9 @@
 
 Protocol (issue 2): calibration 128 x 512 tokens from WikiText-2 valid.txt (seed 0); perplexity on test.txt,
 windows of 1024 tokens, first 50 windows, fp32. Both tools get the very same calibration token windows.
-Both tools prune the same dense fp32 safetensors folder (the GGUF dequantized once). Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
+Both tools prune the same dense fp32 safetensors folder (the GGUF dequantized once). The peer's script
+runs with ``python -P`` (no script folder on ``sys.path``): this folder's ``kernels.py`` would otherwise shadow
+the ``kernels`` package transformers imports. Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
 venv), one at a time; wall time, and peak RSS from GNU time on that process (see ``timed``).
 
     python benchmarks/quality.py --llmc-python /path/to/llmc-venv/bin/python --work bench-work --json quality.json
@@ -126,7 +128,7 @@ def main() -> None:
         peer = args.work / f"llmc-{name}"
         if args.llmc_python and method in PEER_METHODS:
             if not (args.reuse and (peer / "process_timing.json").is_file()):
-                timing = timed([args.llmc_python, str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
+                timing = timed([args.llmc_python, "-P", str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
                                 str(calib), method, pattern, str(peer)], args.work / f"llmc-{name}.log")
                 (peer / "process_timing.json").write_text(json.dumps(timing))
             row["llmcompressor"] = {**json.loads((peer / "process_timing.json").read_text()),

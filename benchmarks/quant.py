@@ -102,7 +102,7 @@ def main() -> None:
         if args.llmc_python and peer_spec:
             peer = args.work / f"llmc-{name}"
             if not (args.reuse and (peer / "process_timing.json").is_file()):
-                timing = timed([args.llmc_python, str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
+                timing = timed([args.llmc_python, "-P", str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
                                 str(calib), *peer_spec, str(peer)], args.work / f"llmc-{name}.log")
                 (peer / "process_timing.json").write_text(json.dumps(timing))
             row.setdefault("llmcompressor", {}).update(json.loads((peer / "process_timing.json").read_text()),
