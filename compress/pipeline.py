@@ -36,6 +36,7 @@ from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.checkpoint import release
 from compress.config import Recipe
+from compress.kernels import allocator
 from compress.prune import InputStats, get
 from compress.quant.grid import QuantGrid
 from compress.weights import compress_weight, needs_hessian
@@ -419,6 +420,7 @@ class _BlockCompressor:
                     if self._at[c] != g:
                         raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
                 self._compress_group(g)
+                allocator.trim()  # the next stretch of the forward allocates other shapes than the last
             for c in range(n):
                 self._step(c)
             for report in self.reports:
@@ -452,6 +454,7 @@ class _BlockCompressor:
                         continue
                     raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
                 self._compress_group(g)
+                allocator.trim()
             self._stop_at = None
             outputs = [_forward(block, inp) for inp in inputs]
             for report in self.reports:

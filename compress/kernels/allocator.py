@@ -18,6 +18,8 @@ from compress.kernels.build import ops
 
 log = logging.getLogger(__name__)
 
+_active = False  # a reuse_large_blocks context is open
+
 
 @contextmanager
 def reuse_large_blocks(cap: int, min_bytes: int = 1 << 20) -> Iterator[bool]:
@@ -28,17 +30,20 @@ def reuse_large_blocks(cap: int, min_bytes: int = 1 << 20) -> Iterator[bool]:
     if kernels is None:
         yield False
         return
+    global _active
     kernels.cpu_cache(cap, min_bytes)
+    _active = True
     try:
         yield True
     finally:
+        _active = False
         hits, misses, _, _ = kernels.cpu_cache_stats()
         kernels.cpu_cache(0, min_bytes)
         log.debug("large-block cache: %d of %d allocations reused", hits, hits + misses)
 
 
 def trim() -> None:
-    """Free the cached blocks (keeping the cache on): between stages whose shapes differ."""
-    kernels = ops()
-    if kernels is not None:
-        kernels.cpu_cache_trim()
+    """Free the cached blocks (keeping the cache on), if a cache is active: between stages whose shapes
+    differ, so blocks no later allocation will ask for do not sit in memory."""
+    if _active:
+        ops().cpu_cache_trim()
