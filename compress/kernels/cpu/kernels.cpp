@@ -545,16 +545,18 @@ at::Tensor q4_unpack(const at::Tensor& data, const c10::optional<at::Tensor>& po
 // mmap threshold, returns them to the kernel, and every new one costs a page fault per 4 KB (a third of the
 // run's CPU time in the kernel, measured). Exact-size reuse needs neither: the same shapes come back every
 // chunk. Blocks at least `min_bytes` long are cached up to `cap` bytes in all; smaller ones, and anything over
-// the cap, go to the allocator this one replaced. Each block carries its size in a 64-byte header.
+// the cap, are freed at once. Each block carries its size in a 64-byte header.
 class CachingCpuAllocator final : public c10::Allocator {
  public:
   static constexpr size_t HEADER = 64;  // keeps the 64-byte alignment of c10::alloc_cpu
 
+  // Every block, cached or not, carries the header (0 for blocks too small to cache): raw_deleter() promises
+  // one deleter for all of this allocator's blocks, and oneDNN's bf16 kernels free small raw allocations with it.
   c10::DataPtr allocate(size_t n) override {
-    if (n < min_bytes_) return fallback_->allocate(n);
-    const size_t size = (n + 4095) / 4096 * 4096;
+    const bool cacheable = n >= min_bytes_;
+    const size_t size = cacheable ? (n + 4095) / 4096 * 4096 : n;
     char* base = nullptr;
-    {
+    if (cacheable) {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.find(size);
       if (it != free_.end() && !it->second.empty()) {
@@ -568,7 +570,7 @@ class CachingCpuAllocator final : public c10::Allocator {
     }
     if (base == nullptr) {
       base = static_cast<char*>(c10::alloc_cpu(size + HEADER));
-      *reinterpret_cast<size_t*>(base) = size;
+      *reinterpret_cast<size_t*>(base) = cacheable ? size : 0;
     }
     void* data = base + HEADER;
     return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
@@ -586,7 +588,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   // replaced allocator back (blocks still alive keep their own deleter, so either is safe at any time).
   void configure(size_t cap, size_t min_bytes) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (fallback_ == nullptr) fallback_ = c10::GetCPUAllocator();
+    if (fallback_ == nullptr) fallback_ = c10::GetCPUAllocator();  // put back by cap == 0
     cap_ = cap;
     min_bytes_ = std::max<size_t>(min_bytes, 4096);
     trim_locked(cap);
@@ -605,10 +607,11 @@ class CachingCpuAllocator final : public c10::Allocator {
 
  private:
   static void release(void* data) {
+    if (data == nullptr) return;
     char* base = static_cast<char*>(data) - HEADER;
     const size_t size = *reinterpret_cast<size_t*>(base);
     CachingCpuAllocator& self = instance();
-    {
+    if (size > 0) {
       std::lock_guard<std::mutex> lock(self.mu_);
       if (self.cached_ + size <= self.cap_) {
         self.free_[size].push_back(base);
