@@ -107,6 +107,8 @@ def prune(
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
     from compress import export, models, pipeline
     from compress.calibration.data import calibration_batches, check_source
+    from safetensors import SafetensorError
+
     from compress.kernels import allocator
     from compress.checkpoint import load_module
     from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
@@ -198,6 +200,8 @@ def prune(
             output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space)
     except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
         _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
+    except SafetensorError as err:  # the same failures met inside safetensors' writer (e.g. os error 28)
+        _fail(f"writing {out} failed: {err}", 1)
     log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
     _print_prune_summary(report, out, metadata["storage"])
 
