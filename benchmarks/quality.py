@@ -106,9 +106,9 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     _, dense_dir, calib = prepare(args.work, args.data, args.nsamples, args.calib_seqlen)
-    evaluate = (lambda *_: float("nan")) if args.no_ppl else globals()["evaluate"]
+    ppl = (lambda *_: float("nan")) if args.no_ppl else evaluate
 
-    results = {"dense": {"ppl": evaluate(str(dense_dir), args.data, args.eval_seqlen, args.limit)}}
+    results = {"dense": {"ppl": ppl(str(dense_dir), args.data, args.eval_seqlen, args.limit)}}
     print(f"dense ppl {results['dense']['ppl']:.2f}", flush=True)
     compress_cmd = [sys.executable, "-m", "compress.cli"]  # the current directory's package first (a worktree)
     for method, pattern in RUNS:
@@ -124,7 +124,7 @@ def main() -> None:
                             "--out", str(ours), "--overwrite"], args.work / f"compress-{name}.log")
             (ours / "timing.json").write_text(json.dumps(timing))
         row["compress"] = {**json.loads((ours / "timing.json").read_text()),
-                           "ppl": evaluate(str(ours), args.data, args.eval_seqlen, args.limit)}
+                           "ppl": ppl(str(ours), args.data, args.eval_seqlen, args.limit)}
         peer = args.work / f"llmc-{name}"
         if args.llmc_python and method in PEER_METHODS:
             if not (args.reuse and (peer / "process_timing.json").is_file()):
@@ -133,7 +133,7 @@ def main() -> None:
                 (peer / "process_timing.json").write_text(json.dumps(timing))
             row["llmcompressor"] = {**json.loads((peer / "process_timing.json").read_text()),
                                     "oneshot_seconds": json.loads((peer / "timing.json").read_text())["oneshot_seconds"],
-                                    "ppl": evaluate(str(peer), args.data, args.eval_seqlen, args.limit)}
+                                    "ppl": ppl(str(peer), args.data, args.eval_seqlen, args.limit)}
         print(format_row(name, row), flush=True)
     out = args.json or args.work / "quality.json"
     out.write_text(json.dumps({"protocol": vars(args) | {"work": str(args.work), "data": str(args.data),

@@ -408,8 +408,7 @@ class _BlockCompressor:
                 self._at[c] = _DONE
                 self._back.release()
 
-        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
-        handles += [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
+        handles = self._install_hooks(block)
         workers = [threading.Thread(target=work, args=(c,), name=f"{self.block_name}-chunk{c}", daemon=True) for c in range(n)]
         for worker in workers:
             worker.start()
@@ -423,9 +422,7 @@ class _BlockCompressor:
                 allocator.trim()  # the next stretch of the forward allocates other shapes than the last
             for c in range(n):
                 self._step(c)
-            for report in self.reports:
-                sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
-                report.act_sparsity = sparsifier.sparsity if sparsifier else None
+            self._note_act_sparsity()
         except BaseException:
             self._abort = True
             for c in range(n):
@@ -439,11 +436,20 @@ class _BlockCompressor:
                 h.remove()
         return outputs
 
+    def _install_hooks(self, block: nn.Module) -> list:
+        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
+        return handles + [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
+
+    def _note_act_sparsity(self) -> None:
+        """Each report's achieved activation sparsity on the calibration inputs, from its sparsifier's counts."""
+        for report in self.reports:
+            sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
+            report.act_sparsity = sparsifier.sparsity if sparsifier else None
+
     def run_bounded(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
         """``run``'s result with one chunk's activations alive at a time (module docstring): per group, a pass
         over the chunks that stops at it; then a pass for the outputs."""
-        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
-        handles += [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
+        handles = self._install_hooks(block)
         try:
             for g, names in enumerate(self.groups):
                 self._stop_at = g
@@ -457,9 +463,7 @@ class _BlockCompressor:
                 allocator.trim()
             self._stop_at = None
             outputs = [_forward(block, inp) for inp in inputs]
-            for report in self.reports:
-                sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
-                report.act_sparsity = sparsifier.sparsity if sparsifier else None
+            self._note_act_sparsity()
         finally:
             for h in handles:
                 h.remove()

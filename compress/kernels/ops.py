@@ -30,26 +30,23 @@ def _use_kernel(x2: torch.Tensor):
 
 
 def q4_dense_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
-    x2 = _rows(x)
-    k = _compiled(x2)
-    if k is None:
-        y = reference.q4_dense_mm(x2, w)
-    elif x2.shape[0] <= MAX_KERNEL_BATCH:
-        y = k.q4_dense_mm(x2, w.data, w.scale, w.zero, w.shape[0], w.group_size)
-    else:
-        y = x2 @ k.q4_unpack(w.data, None, w.scale, w.zero, w.shape[0], w.group_size).t()
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return _quantized_mm(x, w, "q4_dense_mm", (w.data,), reference.q4_dense_mm)
 
 
 def q4_sparse24_mm(x: torch.Tensor, w: Q4Sparse24) -> torch.Tensor:
+    return _quantized_mm(x, w, "q4_sparse24_mm", (w.data, w.pos), reference.q4_sparse24_mm, w.group_size % 8 == 0)
+
+
+def _quantized_mm(x: torch.Tensor, w: Q4Dense | Q4Sparse24, kernel: str, packed: tuple, fallback, usable: bool = True):
+    """``x @ Wᵀ`` by the GEMV ``kernel`` (up to 16 rows), the compiled dequantization + BLAS, or ``fallback``."""
     x2 = _rows(x)
-    k = _compiled(x2) if w.group_size % 8 == 0 else None
+    k = _compiled(x2) if usable else None
     if k is None:
-        y = reference.q4_sparse24_mm(x2, w)
+        y = fallback(x2, w)
     elif x2.shape[0] <= MAX_KERNEL_BATCH:
-        y = k.q4_sparse24_mm(x2, w.data, w.pos, w.scale, w.zero, w.shape[0], w.group_size)
+        y = getattr(k, kernel)(x2, *packed, w.scale, w.zero, w.shape[0], w.group_size)
     else:
-        y = x2 @ k.q4_unpack(w.data, w.pos, w.scale, w.zero, w.shape[0], w.group_size).t()
+        y = x2 @ k.q4_unpack(w.data, getattr(w, "pos", None), w.scale, w.zero, w.shape[0], w.group_size).t()
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
