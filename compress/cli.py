@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import typer
 
 from compress import load as compress_load
 from compress import prune as prune_methods
+from compress.kernels import allocator
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -109,7 +109,6 @@ def prune(
     from compress.calibration.data import calibration_batches, check_source
     from safetensors import SafetensorError
 
-    from compress.kernels import allocator
     from compress.checkpoint import load_module
     from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
@@ -158,6 +157,7 @@ def prune(
             calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
             recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg, act_cfg, quant_lm_head)
         tokens, manifest = calibration_batches(tokenizer, calib_cfg)
+        allocator.release_free_heap()  # what tokenizing the text left free
         plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
         fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
         export.check_resume(out, resume, fingerprint)
@@ -549,26 +549,9 @@ def info(
                    f"calibration {meta['calibration']}")
 
 
-def _return_freed_memory_to_os() -> None:
-    """Fix glibc's mmap threshold at 1 MiB for this process.
-
-    glibc serves blocks below a *dynamic* threshold (it climbs to 32 MiB) from per-thread heaps and keeps
-    them when freed. The chunked block forward frees gigabytes of same-shaped activations per block while
-    other chunks' activations stay parked, and the heaps fragment: peak RSS on SmolLM2-135M was 4.4 GiB for
-    a 1.55 GiB live set. A fixed threshold hands such blocks back to the kernel when freed (costs page
-    faults, about 20% of the forward's time). tcmalloc (LD_PRELOAD) fragments as badly: 4.1 GiB peak on six
-    blocks where this gives 1.6 GiB.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):
-            log.debug("not glibc: allocator left as it is")
-
-
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _return_freed_memory_to_os()
+    allocator.return_freed_memory_to_os()
     app()
 
 

@@ -419,7 +419,6 @@ class _BlockCompressor:
                     if self._at[c] != g:
                         raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
                 self._compress_group(g)
-                allocator.trim()  # the next stretch of the forward allocates other shapes than the last
             for c in range(n):
                 self._step(c)
             self._note_act_sparsity()
@@ -460,7 +459,6 @@ class _BlockCompressor:
                         continue
                     raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
                 self._compress_group(g)
-                allocator.trim()
             self._stop_at = None
             outputs = [_forward(block, inp) for inp in inputs]
             self._note_act_sparsity()
@@ -471,6 +469,7 @@ class _BlockCompressor:
 
     @torch.no_grad()
     def _compress_group(self, g: int) -> None:
+        allocator.trim()  # blocks cached by the forward: compressing allocates other shapes, the next stretch too
         gram, norms, *hist = self.stats.pop(g)
         stats = InputStats(gram.finalize(), norms.finalize())
         for name in self.groups[g]:
@@ -506,6 +505,7 @@ class _BlockCompressor:
                     up.collecting = False
                     self.gate_space[full] = f"{self.block_name}.{up_name}"
         self.compressed.add(g)
+        allocator.trim()
 
 
 def _forward(block: nn.Module, inp: BlockInputs) -> torch.Tensor:

@@ -10,7 +10,9 @@ caching allocator keeps freed blocks of at least ``min_bytes`` for the next allo
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -43,7 +45,45 @@ def reuse_large_blocks(cap: int, min_bytes: int = 1 << 20) -> Iterator[bool]:
 
 
 def trim() -> None:
-    """Free the cached blocks (keeping the cache on), if a cache is active: between stages whose shapes
-    differ, so blocks no later allocation will ask for do not sit in memory."""
+    """Free the cached blocks (keeping the cache on), if a cache is active, and give glibc's free heap pages
+    back to the kernel: between stages whose shapes differ, so memory no later allocation will ask for does
+    not sit in the process."""
     if _active:
         ops().cpu_cache_trim()
+    release_free_heap()
+
+
+def return_freed_memory_to_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process.
+
+    glibc serves blocks below a *dynamic* threshold (it climbs to 32 MiB) from per-thread heaps and keeps
+    them when freed. The chunked block forward frees gigabytes of same-shaped activations per block while
+    other chunks' activations stay parked, and the heaps fragment: peak RSS on SmolLM2-135M was 4.4 GiB for
+    a 1.55 GiB live set. A fixed threshold hands such blocks back to the kernel when freed (costs page
+    faults, about 20% of the forward's time; ``reuse_large_blocks`` wins most of it back). tcmalloc
+    (LD_PRELOAD) fragments as badly: 4.1 GiB peak on six blocks where this gives 1.6 GiB.
+    """
+    if _glibc is not None:
+        _glibc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def release_free_heap() -> None:
+    """Hand the free pages inside glibc's heaps back to the kernel (``malloc_trim``): what small objects
+    left behind, e.g. the ~50 MiB that tokenizing a calibration text leaves free but resident."""
+    if _glibc is not None:
+        _glibc.malloc_trim(0)
+
+
+def _load_glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist (musl has neither)
+        return libc
+    except (OSError, AttributeError):
+        log.debug("not glibc: allocator left as it is")
+        return None
+
+
+_glibc = _load_glibc()
