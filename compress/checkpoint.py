@@ -118,6 +118,21 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
+class BlockSource:
+    """Decoder blocks of a meta-device model read from ``checkpoint`` when a pass reaches them and dropped
+    after: the loading half of a ``pipeline.BlockIO``, for passes that only read the weights (OWL's)."""
+
+    def __init__(self, checkpoint: Checkpoint, prefix: str):
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+
+    def load(self, index: int, block: nn.Module) -> None:
+        load_module(self.checkpoint, block, f"{self.prefix}.{index}")
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        release(block)
+
+
 class ShardWriter:
     """Writes a model as one safetensors shard per decoder block plus one for the rest, with the index
     transformers reads (``model.safetensors.index.json``). Each shard is written under a temporary name

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -81,11 +82,24 @@ def prune(
     act_prefill: Annotated[str, typer.Option(help="sparse (every token) | dense (only single-token decode steps).")] = "sparse",
     fmt: Annotated[str, typer.Option("--format", help="Output: dense (plain transformers safetensors) | "
                                      "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed.")] = "dense",
-    calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), or a .txt / .jsonl path.")] = "wikitext2",
+    calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), a .txt / .jsonl path, "
+                                       "or self (sampled from the model itself, from its BOS token).")] = "wikitext2",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window (capped by the model's context).")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the calibration sampling.")] = 0,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Regex of linear names to leave as they are (repeatable).")] = None,
+    allocation: Annotated[str, typer.Option(help="Sparsity per decoder block: uniform | owl (less where the dense "
+                                            "model has more outlier weights, mean kept; Yin et al. 2023) | a .json "
+                                            "list of one sparsity per block.")] = "uniform",
+    owl_m: Annotated[float, typer.Option(help="OWL: a weight is an outlier above M x its block's mean Wanda score.")] = 5.0,
+    owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span --sparsity ± lambda.")] = 0.08,
+    refine: Annotated[Optional[str], typer.Option(help="dsnot: after pruning, training-free prune-and-grow swaps "
+                                                  "per row (Zhang et al. 2023), on every pruned linear, MLP and "
+                                                  "attention; counts per row and N:M group kept.")] = None,
+    refine_cycles: Annotated[int, typer.Option(help="DSnoT: at most this many swaps per row.")] = 50,
+    refine_var_power: Annotated[float, typer.Option(help="DSnoT: growing score |W·mean(x)| / var(x)^p.")] = 1.0,
+    self_temperature: Annotated[float, typer.Option(help="--calib self: sampling temperature.")] = 1.0,
+    self_top_p: Annotated[float, typer.Option(help="--calib self: nucleus sampling mass (1: off).")] = 0.95,
     blocksize: Annotated[int, typer.Option(help="SparseGPT/GPTQ: columns per lazy-update block.")] = 128,
     dampening: Annotated[float, typer.Option(help="SparseGPT/GPTQ: fraction of the mean Hessian diagonal added to it.")] = 0.01,
     device: Annotated[str, typer.Option(help="Where the work happens: auto | cpu | cuda[:N]. Weights rest on CPU.")] = "auto",
@@ -106,6 +120,7 @@ def prune(
 ) -> None:
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
     from compress import export, models, pipeline
+    from compress.calibration import selfgen
     from compress.calibration.data import calibration_batches, check_source
     from safetensors import SafetensorError
 
@@ -115,11 +130,20 @@ def prune(
     _setup_logging(verbose)
     try:
         prune_cfg = None
+        block_sparsity: tuple[float, ...] = ()
+        if allocation not in ("uniform", "owl"):
+            block_sparsity = _read_allocation(Path(allocation))
+            sparsity = sparsity if sparsity is not None else sum(block_sparsity) / len(block_sparsity)
         if method is not None or sparsity is not None or pattern is not None:
             method = method or "wanda"
             prune_methods.get(method)
             prune_cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
-                                    blocksize=blocksize, dampening=dampening)
+                                    blocksize=blocksize, dampening=dampening,
+                                    allocation="file" if block_sparsity else allocation, owl_m=owl_m,
+                                    owl_lambda=owl_lambda, block_sparsity=block_sparsity, refine=refine,
+                                    refine_cycles=refine_cycles, refine_var_power=refine_var_power)
+        elif allocation != "uniform" or refine is not None:
+            raise ValueError(f"--allocation/--refine shape pruning: add --method and --sparsity (e.g. --sparsity 0.6)")
         quant_cfg = None
         if quant is not None:
             quant_cfg = QuantConfig.parse(quant, symmetric=quant_sym, method=quant_method, actorder=quant_actorder,
@@ -131,11 +155,13 @@ def prune(
                                 targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill)
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
-        calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                temperature=self_temperature, top_p=self_top_p)
         recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg,
                         quant_lm_head=quant_lm_head)
         export.check_format(fmt, recipe)
-        check_source(calib)
+        if calib != selfgen.SOURCE:
+            check_source(calib)
         export.check_output(out, overwrite)
         dev = models.resolve_device(device)
         if max_memory.strip().lower() != "auto":
@@ -154,10 +180,16 @@ def prune(
         max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
         if seqlen > max_ctx:
             log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
-            calib_cfg = CalibConfig(calib, nsamples, max_ctx, seed)
-            recipe = Recipe(prune_cfg, quant_cfg, recipe.ignore, calib_cfg, act_cfg, quant_lm_head)
-        tokens, manifest = calibration_batches(tokenizer, calib_cfg)
+            calib_cfg = replace(calib_cfg, seqlen=max_ctx)
+            recipe = replace(recipe, calib=calib_cfg)
+        if calib == selfgen.SOURCE:
+            tokens, manifest = _self_calibration(model, dtype, lm, tokenizer, calib_cfg, dev)
+        else:
+            tokens, manifest = calibration_batches(tokenizer, calib_cfg)
         allocator.release_free_heap()  # what tokenizing the text left free
+        owl_ratios = None
+        if prune_cfg is not None and prune_cfg.allocation == "owl":
+            recipe, owl_ratios = _owl_allocation(lm, tokens, recipe, dev, chunk_samples, checkpoint)
         plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
         fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
         export.check_resume(out, resume, fingerprint)
@@ -191,6 +223,7 @@ def prune(
                 "recipe": recipe.to_dict(),
                 "format": fmt,
                 "calibration": manifest.to_dict(),
+                **({"owl_outlier_ratios": owl_ratios} if owl_ratios is not None else {}),
                 "device": str(dev),
                 "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
                                                 symmetric=recipe.quant is None or recipe.quant.symmetric,
@@ -262,6 +295,66 @@ def _fingerprint(model: str, recipe, fmt: str, manifest, chunk_samples: int, dty
           "chunk_samples": chunk_samples, "dtype": dtype,
           "versions": [compress.__version__, torch.__version__, transformers.__version__]}
     return json.loads(json.dumps(fp))
+
+
+def _read_allocation(path: Path) -> tuple[float, ...]:
+    """``--allocation FILE``: a JSON list of per-block sparsities, or an object with ``block_sparsity`` (as
+    compression.json's recipe records it: an OWL run's allocation can be reused)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--allocation {str(path)!r} is neither uniform, owl nor a readable JSON file ({err}): "
+                         f"write a list with one sparsity per block, e.g. [0.55, 0.6, 0.65]") from err
+    if isinstance(data, dict):
+        data = data.get("block_sparsity", data.get("recipe", {}).get("prune", {}).get("block_sparsity"))
+    if not isinstance(data, list) or not data or not all(isinstance(v, (int, float)) for v in data):
+        raise ValueError(f"--allocation {str(path)!r} must hold a list with one sparsity per decoder block, "
+                         f"e.g. [0.55, 0.6, 0.65]")
+    return tuple(float(v) for v in data)
+
+
+def _self_calibration(spec: str, dtype: str, lm, tokenizer, cfg, device):
+    """``--calib self``: generate the calibration samples with the whole model (loaded for it when ``lm``
+    is a streamed skeleton), then let it go."""
+    from tqdm import tqdm
+
+    from compress import models
+    from compress.calibration import selfgen
+
+    streamed = any(p.device.type == "meta" for p in lm.parameters())
+    gen_model = models.load(spec, dtype)[0] if streamed else lm
+    log.info("--calib self: sampling %d x %d tokens from the model (temperature %g, top-p %g, seed %d)",
+             cfg.nsamples, cfg.seqlen, cfg.temperature, cfg.top_p, cfg.seed)
+    gen_model.to(device)
+    try:
+        with tqdm(total=cfg.nsamples, desc="self-calibration", unit="sample", file=sys.stderr) as bar:
+            return selfgen.generate_calibration(gen_model, tokenizer, cfg, device,
+                                                on_batch=lambda done: bar.update(done - bar.n))
+    finally:
+        gen_model.to("cpu")
+        del gen_model
+
+
+def _owl_allocation(lm, tokens, recipe, device, chunk_samples: int, checkpoint):
+    """OWL's per-block sparsities from one forward of the dense model; the recipe that records them."""
+    from tqdm import tqdm
+
+    from compress import models, pipeline
+    from compress.checkpoint import BlockSource
+    from compress.prune import owl
+
+    prune_cfg = recipe.prune
+    owl.allocate([0.0], prune_cfg.pattern.sparsity, prune_cfg.owl_lambda)  # a bad lambda fails before the pass
+    n_blocks = len(models.decoder_blocks(lm)[1])
+    io = BlockSource(checkpoint, models.decoder_blocks(lm)[0]) if checkpoint is not None else None
+    log.info("OWL: outlier ratios of the dense model (M = %g), one forward through %d blocks", prune_cfg.owl_m, n_blocks)
+    with tqdm(total=n_blocks, desc="OWL outlier ratios", unit="block", file=sys.stderr) as bar:
+        ratios = pipeline.outlier_ratios(lm, tokens, prune_cfg.owl_m, recipe.ignore, device=device,
+                                         chunk_samples=chunk_samples or None, io=io, on_block=lambda *_: bar.update())
+    block_sparsity = owl.allocate(ratios, prune_cfg.pattern.sparsity, prune_cfg.owl_lambda)
+    log.info("OWL: block sparsities %s (mean %.4f)", " ".join(f"{s:.3f}" for s in block_sparsity),
+             sum(block_sparsity) / len(block_sparsity))
+    return replace(recipe, prune=replace(prune_cfg, block_sparsity=tuple(block_sparsity))), ratios
 
 
 def _read_per_layer(path: Path) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 _GROUP = re.compile(r"^g(\d+)$")
@@ -74,21 +74,30 @@ class Pattern:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration data: ``source`` is ``wikitext2`` (hub) or a .txt/.jsonl path; seeded windows of ``seqlen``."""
+    """Calibration data: ``source`` is ``wikitext2`` (hub), a .txt/.jsonl path (seeded windows of ``seqlen``),
+    or ``self``: samples the model generates from its BOS token with ``temperature`` and ``top_p``."""
 
     source: str = "wikitext2"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 0.95
 
     def __post_init__(self):
         if self.nsamples < 1:
             raise ValueError(f"--nsamples {self.nsamples} must be at least 1")
         if self.seqlen < 2:
             raise ValueError(f"--seqlen {self.seqlen} must be at least 2")
+        if self.temperature <= 0:
+            raise ValueError(f"--self-temperature {self.temperature} must be positive: 1.0 samples the model as it is")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--self-top-p {self.top_p} is outside (0, 1]: 1.0 turns nucleus sampling off")
 
 
 SCOPES = ("row", "matrix", "block")
+ALLOCATIONS = ("uniform", "owl")
+REFINEMENTS = ("dsnot",)
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,13 @@ class PruneConfig:
             (magnitude: matrix, Wanda: row, SparseGPT: block of ``blocksize`` columns).
         blocksize: SparseGPT's lazy-update block width (columns).
         dampening: fraction of the mean Hessian diagonal added to it (SparseGPT).
+        allocation: ``uniform`` (every block at ``pattern.sparsity``), ``owl`` (per-block sparsity from
+            outlier ratios, ``compress.prune.owl``) or ``file`` (given per block).
+        owl_m, owl_lambda: OWL's outlier threshold (times the block's mean Wanda score) and spread.
+        block_sparsity: the sparsity of each decoder block once allocated (empty: uniform); its mean is
+            ``pattern.sparsity``.
+        refine: ``dsnot`` to refine each pruned layer's mask (``compress.prune.dsnot``), or ``None``.
+        refine_cycles, refine_var_power: DSnoT's swaps per row at most, and its variance exponent.
     """
 
     method: str
@@ -109,10 +125,44 @@ class PruneConfig:
     scope: str | None = None
     blocksize: int = 128
     dampening: float = 0.01
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    block_sparsity: tuple[float, ...] = ()
+    refine: str | None = None
+    refine_cycles: int = 50
+    refine_var_power: float = 1.0
 
     def __post_init__(self):
         if self.scope is not None and self.scope not in SCOPES:
             raise ValueError(f"--scope {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.allocation not in (*ALLOCATIONS, "file"):
+            raise ValueError(f"--allocation {self.allocation!r} is not one of {', '.join(ALLOCATIONS)} or a .json file")
+        if self.allocation != "uniform" and (self.pattern.is_nm or self.pattern.group):
+            raise ValueError(f"--allocation {self.allocation} varies the sparsity per block: it needs --sparsity "
+                             f"alone, not --pattern {self.pattern}")
+        if self.owl_m <= 0:
+            raise ValueError(f"--owl-m {self.owl_m} must be positive: 5 is the paper's value")
+        for s in self.block_sparsity:
+            if not 0 < s < 1:
+                raise ValueError(f"block sparsity {s} is outside (0, 1): each block needs a fraction of zeros, e.g. 0.6")
+        if self.block_sparsity and abs(sum(self.block_sparsity) / len(self.block_sparsity) - self.pattern.sparsity) > 1e-6:
+            mean = sum(self.block_sparsity) / len(self.block_sparsity)
+            raise ValueError(f"the per-block sparsities average {mean:.6g}, not --sparsity {self.pattern.sparsity}: "
+                             f"pass --sparsity {mean:.6g} or fix the allocation")
+        if self.refine is not None and self.refine not in REFINEMENTS:
+            raise ValueError(f"--refine {self.refine!r} is not one of {', '.join(REFINEMENTS)}")
+        if self.refine and self.pattern.group:
+            raise ValueError(f"--refine {self.refine} swaps single weights: not with --pattern g{self.pattern.group}")
+        if self.refine_cycles < 1:
+            raise ValueError(f"--refine-cycles {self.refine_cycles} must be at least 1")
+
+    def for_block(self, index: int) -> "PruneConfig":
+        """This configuration as block ``index`` applies it: its own sparsity, nothing left to allocate."""
+        if not self.block_sparsity:
+            return self
+        pattern = replace(self.pattern, sparsity=self.block_sparsity[index])
+        return replace(self, pattern=pattern, allocation="uniform", block_sparsity=())
         if self.blocksize < 1:
             raise ValueError(f"--blocksize {self.blocksize} must be at least 1")
         if not 0 <= self.dampening < 1:
@@ -239,6 +289,10 @@ class Recipe:
             raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
         if self.quant_lm_head and self.quant is None:
             raise ValueError("--quant-lm-head quantizes lm_head on --quant's grid: add --quant (e.g. w4g64)")
+        if (self.prune is not None and self.prune.refine and self.prune.method == "sparsegpt" and self.quant is not None
+                and self.quant.method == "gptq"):
+            raise ValueError(f"--refine {self.prune.refine} refines a mask before quantization, but SparseGPT with GPTQ "
+                             f"prunes and quantizes in one pass: use --quant-method rtn, or drop --refine")
         for expr in self.ignore:
             try:
                 re.compile(expr)
@@ -246,8 +300,17 @@ class Recipe:
                 raise ValueError(f"--ignore {expr!r} is not a regular expression ({err}): e.g. 'mlp\\.down_proj'") from err
 
     def __str__(self) -> str:
-        parts = [f"{self.prune.method} {self.prune.pattern}"] if self.prune else []
+        parts = []
+        if self.prune:
+            extras = [e for e in (self.prune.allocation if self.prune.allocation != "uniform" else None, self.prune.refine) if e]
+            parts.append(" ".join([self.prune.method, str(self.prune.pattern), *extras]))
         return " + ".join(parts + [str(part) for part in (self.quant, self.act) if part])
+
+    def for_block(self, index: int) -> "Recipe":
+        """The recipe block ``index`` is compressed with (its own sparsity under a non-uniform allocation)."""
+        if self.prune is None or not self.prune.block_sparsity:
+            return self
+        return replace(self, prune=self.prune.for_block(index))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,6 +325,7 @@ class Recipe:
             _check_keys(PruneConfig, prune, "recipe.prune")
             pattern = prune.pop("pattern")
             _check_keys(Pattern, pattern, "recipe.prune.pattern")
+            prune["block_sparsity"] = tuple(prune.get("block_sparsity", ()))
             prune_cfg = PruneConfig(pattern=Pattern(**pattern), **prune)
         calib = data.get("calib", {})
         _check_keys(CalibConfig, calib, "recipe.calib")

@@ -348,6 +348,12 @@ class StreamedOutput:
         if self.checkpoint is not None:
             load_module(self.checkpoint, block, f"{self.prefix}.{index}")
 
+    def unload(self, index: int, block) -> None:
+        from compress.checkpoint import release
+
+        if self.checkpoint is not None:
+            release(block)
+
     def resume(self):
         """The ``pipeline.BlockState`` saved in the folder by an interrupted run, if any."""
         from safetensors.torch import load_file

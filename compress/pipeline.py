@@ -138,11 +138,14 @@ def check(model: nn.Module, recipe: Recipe) -> None:
         ValueError: naming the linear and the fix (e.g. N:M with in_features not divisible by M).
     """
     prune, quant = recipe.prune, recipe.quant
+    prefix, blocks = models.decoder_blocks(model)
     if prune is not None:
         method = get(prune.method)
         if prune.scope == "block" and method.name != "sparsegpt":
             raise ValueError(f"--scope block is SparseGPT's; {method.name} takes row or matrix")
-    prefix, blocks = models.decoder_blocks(model)
+        if prune.block_sparsity and len(prune.block_sparsity) != len(blocks):
+            raise ValueError(f"the allocation gives {len(prune.block_sparsity)} block sparsities for a model of "
+                             f"{len(blocks)} decoder blocks: give one per block")
     targets: list[str] = []
     for i, block in enumerate(blocks):
         for name, linear in models.linears(block).items():
@@ -246,6 +249,10 @@ class BlockIO(Protocol):
     def load(self, index: int, block: nn.Module) -> None:
         """Give block ``index`` its weights (before it is compressed)."""
 
+    def unload(self, index: int, block: nn.Module) -> None:
+        """A pass that only read block ``index`` (OWL's) is done with it: drop its weights if ``load`` can
+        read them again."""
+
     def resume(self) -> BlockState | None:
         """The state an interrupted run left to continue from, if any."""
 
@@ -326,6 +333,7 @@ class _BlockCompressor:
         self.recipe = recipe
         self.block_name = block_name
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
+        self.with_mean = bool(recipe.prune and recipe.prune.refine)  # DSnoT's expected error
         self.hist_stride = hist_stride
         self.stats: dict[int, list] = {}  # group -> [Gram, SquaredNorms, AbsHistogram if activation targets]
         self.compressed: set[int] = set()
@@ -352,7 +360,7 @@ class _BlockCompressor:
         if g not in self.compressed:
             x = args[0]
             if g not in self.stats:
-                self.stats[g] = [Gram(x.shape[-1], stride=self.gram_stride), SquaredNorms(x.shape[-1])]
+                self.stats[g] = [Gram(x.shape[-1], stride=self.gram_stride), SquaredNorms(x.shape[-1], self.with_mean)]
                 if any(self.act_targets.get(n) for n in self.groups[g]):
                     self.stats[g].append(AbsHistogram(x.shape[-1]))
             for acc in self.stats[g][:2]:
@@ -471,7 +479,7 @@ class _BlockCompressor:
     def _compress_group(self, g: int) -> None:
         allocator.trim()  # blocks cached by the forward: compressing allocates other shapes, the next stretch too
         gram, norms, *hist = self.stats.pop(g)
-        stats = InputStats(gram.finalize(), norms.finalize())
+        stats = InputStats(gram.finalize(), norms.finalize(), norms.mean())
         for name in self.groups[g]:
             start = time.perf_counter()
             W = models.weight_view(self.modules[name])  # (out, in), a view of the module's weight
@@ -514,6 +522,58 @@ def _forward(block: nn.Module, inp: BlockInputs) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _capture(model: nn.Module, tokens: torch.Tensor, device: torch.device, chunk_samples: int | None):
+    """The first block's inputs for each chunk of ``tokens``, and a tiny probe of them (finds each block's
+    groups); the weights outside the blocks visit ``device`` meanwhile."""
+    prefix, blocks = models.decoder_blocks(model)
+    models.move_non_blocks_(model, prefix, device)
+    try:
+        inputs = [capture_block_inputs(model, blocks[0], chunk.to(device))
+                  for chunk in tokens.split(chunk_samples or DEFAULT_CHUNK_SAMPLES)]
+        probe = capture_block_inputs(model, blocks[0], tokens[:1, :8].to(device))
+    finally:
+        models.move_non_blocks_(model, prefix, torch.device("cpu"))
+    return inputs, probe
+
+
+@torch.no_grad()
+def outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, ignore: tuple[str, ...] = (), *,
+                   device: torch.device | str = "cpu", chunk_samples: int | None = None,
+                   io: BlockIO | None = None, on_block: Callable[[int, int], None] | None = None) -> list[float]:
+    """OWL's outlier ratio of every decoder block of the *dense* model (``compress.prune.owl``): one forward
+    through the blocks on calibration ``tokens``, each block's linears (those ``ignore`` leaves) scored by
+    Wanda's ``|W|·‖X‖`` on their inputs. The model is left as it was (``io`` loads and unloads each block)."""
+    from compress.prune import owl, wanda
+
+    device = torch.device(device)
+    prefix, blocks = models.decoder_blocks(model)
+    inputs, _ = _capture(model, tokens, device, chunk_samples)
+    ratios = []
+    for i, block in enumerate(blocks):
+        if io is not None:
+            io.load(i, block)
+        block.to(device)
+        names = [n for n in models.linears(block) if not models.is_ignored(f"{prefix}.{i}.{n}", ignore)]
+        norms = {n: SquaredNorms(models.in_features(models.linears(block)[n])) for n in names}
+        handles = [models.linears(block)[n].register_forward_pre_hook(lambda _m, a, n=n: norms[n].update(a[0]))
+                   for n in names]
+        try:
+            inputs = [BlockInputs(_forward(block, inp), inp.args, inp.kwargs) for inp in inputs]
+        finally:
+            for h in handles:
+                h.remove()
+        linears = models.linears(block)
+        scores = [wanda.score(models.weight_view(linears[n]).float(), norms[n].finalize()) for n in names]
+        ratios.append(owl.outlier_ratio(scores, m))
+        block.to("cpu")
+        if io is not None:
+            io.unload(i, block)
+        log.info("OWL block %d/%d: outlier ratio %.4f", i + 1, len(blocks), ratios[-1])
+        if on_block:
+            on_block(i, len(blocks))
+    return ratios
+
+
 def compress_sequential(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -554,15 +614,9 @@ def compress_sequential(
     device = torch.device(device)
     start = time.perf_counter()
     prefix, blocks = models.decoder_blocks(model)
-    chunks = tokens.split(chunk_samples or DEFAULT_CHUNK_SAMPLES)
     gram_stride = max(1, tokens.numel() // error_tokens)
     hist_stride = max(1, tokens.numel() // histogram_tokens)
-    models.move_non_blocks_(model, prefix, device)
-    try:
-        inputs = [capture_block_inputs(model, blocks[0], chunk.to(device)) for chunk in chunks]
-        probe = capture_block_inputs(model, blocks[0], tokens[:1, :8].to(device))  # finds each block's groups
-    finally:
-        models.move_non_blocks_(model, prefix, torch.device("cpu"))
+    inputs, probe = _capture(model, tokens, device, chunk_samples)
     report = Report(recipe=str(recipe))
     first = 0
     if io is not None:
@@ -590,7 +644,7 @@ def compress_sequential(
         block_name = f"{prefix}.{i}"
         targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
         groups = probe_groups(block, probe, targets)
-        compressor = _BlockCompressor(block, groups, recipe, block_name, gram_stride, hist_stride)
+        compressor = _BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride)
         outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")

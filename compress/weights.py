@@ -6,6 +6,7 @@
   section 3.5), so the rounding error of kept weights is compensated too.
 - any other pruning + quantization: prune first, then quantize the kept weights (GPTQ with the mask fixed,
   or RTN); pruned weights stay exactly zero because zero is on every grid.
+- ``--refine dsnot`` refines the pruned matrix's mask right after pruning, before any quantization.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.config import Recipe
-from compress.prune import InputStats, get
+from compress.prune import InputStats, dsnot, get
 from compress.quant import gptq
 from compress.quant.grid import QuantGrid
 
@@ -32,7 +33,19 @@ class Compressed:
 
 def needs_hessian(recipe: Recipe) -> bool:
     """Whether the recipe's methods need the full Gram matrix (not a token subsample of it)."""
-    return bool((recipe.prune and get(recipe.prune.method).needs_hessian) or (recipe.quant and recipe.quant.method == "gptq"))
+    return bool((recipe.prune and (get(recipe.prune.method).needs_hessian or recipe.prune.refine))
+                or (recipe.quant and recipe.quant.method == "gptq"))
+
+
+def _prune(W: torch.Tensor, stats: InputStats, recipe: Recipe) -> torch.Tensor:
+    prune = recipe.prune
+    W_hat = get(prune.method).apply(W, stats, prune)
+    if prune.refine == "dsnot":
+        if stats.mean is None:
+            raise ValueError("DSnoT needs the inputs' channel means: collect them (SquaredNorms(with_mean=True))")
+        W_hat = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, prune.pattern, prune.refine_cycles,
+                             prune.refine_var_power)
+    return W_hat
 
 
 def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dtype: torch.dtype = torch.float32) -> Compressed:
@@ -41,14 +54,14 @@ def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dt
     if prune is None and quant is None:  # activation sparsity only: weights stay
         return Compressed(W)
     if quant is None:
-        return Compressed(get(prune.method).apply(W, stats, prune))
+        return Compressed(_prune(W, stats, recipe))
     if quant.method == "gptq" and prune is not None and prune.method == "sparsegpt":
         result, grid = gptq.quantize(W, stats, quant, pattern=prune.pattern, blocksize=prune.blocksize,
                                      dampening=prune.dampening, scale_dtype=scale_dtype)
         return Compressed(result.W, grid, grid.encode(result.W))
     keep = None
     if prune is not None:
-        W = get(prune.method).apply(W, stats, prune)
+        W = _prune(W, stats, recipe)
         keep = W != 0
     if quant.method == "rtn":
         grid = QuantGrid.fit(W, quant, scale_dtype)

@@ -35,6 +35,7 @@ class CalibManifest:
     seed: int
     text_tokens: int
     token_sha256: str
+    generation: dict | None = None  # --calib self: how the model sampled its own calibration text
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +46,7 @@ def check_source(source: str) -> None:
     if source not in HUB_DATASETS and not Path(source).is_file():
         raise CalibrationError(
             f"calibration/evaluation source {source!r} is neither a file nor one of {sorted(HUB_DATASETS)}: "
-            "pass a .txt or .jsonl path"
+            "pass a .txt or .jsonl path (or --calib self: text the model generates)"
         )
 
 

@@ -13,12 +13,14 @@ import torch
 
 
 class SquaredNorms:
-    """Running mean of ``x²`` per input channel, fp32."""
+    """Running mean of ``x²`` per input channel, fp32; with ``with_mean``, of ``x`` too (DSnoT's)."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, with_mean: bool = False):
         self.in_features = in_features
+        self.with_mean = with_mean
         self.tokens = 0
         self._sum: torch.Tensor | None = None
+        self._first: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, rows: int = 128) -> None:
         """Add tokens ``x`` of shape ``(..., in_features)``.
@@ -30,13 +32,19 @@ class SquaredNorms:
         x = x.reshape(-1, self.in_features)  # (t, in)
         if self._sum is None:
             self._sum = torch.zeros(rows, self.in_features, dtype=torch.float32, device=x.device)
+            if self.with_mean:
+                self._first = torch.zeros_like(self._sum)
         rows = self._sum.shape[0]
         whole = x.shape[0] // rows * rows
         for panel in x[:whole].view(-1, rows, self.in_features):
             panel = panel.float()
             self._sum.addcmul_(panel, panel)
+            if self._first is not None:
+                self._first.add_(panel)
         tail = x[whole:].float()
         self._sum[: tail.shape[0]].addcmul_(tail, tail)
+        if self._first is not None:
+            self._first[: tail.shape[0]].add_(tail)
         self.tokens += x.shape[0]
 
     def finalize(self) -> torch.Tensor:
@@ -44,6 +52,10 @@ class SquaredNorms:
         if self._sum is None or self.tokens == 0:
             raise RuntimeError("SquaredNorms.finalize() before any update()")
         return self._sum.sum(dim=0) / self.tokens
+
+    def mean(self) -> torch.Tensor | None:
+        """``(in,)`` mean of ``x`` (``None`` unless ``with_mean``)."""
+        return None if self._first is None else self._first.sum(dim=0) / self.tokens
 
 
 class Gram:

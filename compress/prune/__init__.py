@@ -41,10 +41,12 @@ class InputStats:
         G: ``(in, in)`` mean Gram matrix of the inputs, fp32 (over a token subsample for methods that
             need it only for the error report, see ``Method.needs_hessian``).
         sq: ``(in,)`` mean squared input per channel over all tokens (defaults to ``G``'s diagonal).
+        mean: ``(in,)`` mean input per channel, when a refinement needs it (DSnoT).
     """
 
     G: torch.Tensor
     sq: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
     _hinv: dict = field(default_factory=dict, repr=False)
 
     def hessian_inverse_factor(self, dampening: float, perm: torch.Tensor | None = None) -> HessianFactor:

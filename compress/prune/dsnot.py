@@ -1,0 +1,87 @@
+"""DSnoT: training-free prune-and-grow swaps that refine a pruned layer's mask.
+
+Zhang et al. 2023, "Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs", arXiv:2310.08915.
+
+Each output row ``i`` of a pruned layer has an expected output error ``e_i = sum_j (W_ij - Ŵ_ij) E[x_j]``.
+A cycle proposes, in every row at once, one swap that keeps the row's count of zeros (and, for N:M, the
+count of its group of ``m``):
+
+- grow the pruned weight ``j`` whose revival moves ``e_i`` towards zero the most, ``sign(W_ij E[x_j]) =
+  sign(e_i)``, ranked by ``|W_ij E[x_j]| / Var[x_j]^p`` (channels whose mean is a reliable summary first);
+- prune the kept weight ``k`` (in ``j``'s group of ``m`` for N:M) that Wanda ranks lowest among those whose
+  removal also moves ``e_i`` towards zero, ``sign(Ŵ_ik E[x_k]) = -sign(e_i)``.
+
+The paper stops a row on its expected error alone. Here a swap is taken only if it lowers the row's exact
+reconstruction error on the calibration inputs, ``(W_i - Ŵ_i) G (W_i - Ŵ_i)ᵀ`` with the inputs' Gram matrix
+``G``, a rank-two update of ``v = (W - Ŵ) G`` per swap; a row stops at its first refused proposal. So the
+refinement never raises the error the report measures, whatever the calibration data. It applies to every
+linear it is given, MLP and attention alike (the reference code skips the MLP's by default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.config import Pattern
+
+
+def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Tensor, sq: torch.Tensor,
+           pattern: Pattern, cycles: int = 50, var_power: float = 1.0) -> torch.Tensor:
+    """Refine the pruned ``W_hat`` of dense ``W`` (both ``(out, in)`` fp32) by DSnoT swaps (module docstring).
+
+    Args:
+        G: ``(in, in)`` mean Gram matrix of the calibration inputs.
+        mean, sq: ``(in,)`` mean and mean square of each input channel.
+        pattern: the pruning pattern; N:M swaps stay inside a group of ``m``.
+        cycles: at most this many swaps per row.
+        var_power: ``p`` in the growing score ``|W E[x]| / Var[x]^p``.
+
+    Returns:
+        A new ``(out, in)`` tensor with the same number of zeros per row (and per N:M group) as ``W_hat``;
+        revived weights take their dense values, the kept ones keep ``W_hat``'s.
+    """
+    W, W_hat = W.float(), W_hat.float().clone()
+    G, mean, sq = G.double(), mean.double(), sq.double()  # fp64: the swap test must not drift over cycles
+    var = (sq - mean.square()).clamp_min(1e-12 * float(sq.max().clamp_min(1e-30)))
+    grow_score = ((W * mean).abs() / var.pow(var_power)).float()  # (out, in)
+    grow_sign = torch.sign(W.double() * mean)  # what reviving a weight does to e (with a minus)
+    prune_sign = torch.sign(W_hat.double() * mean)  # what pruning a kept weight does to e; kept entries only
+    norms = sq.clamp_min(0).sqrt().float()
+    wanda = W_hat.abs() * norms  # Wanda's score of the kept weights
+    pruned = W_hat == 0
+    growable = pruned & (W != 0)
+    delta = (W - W_hat).double()
+    e = delta @ mean  # (out,) expected output error of each row
+    v = delta @ G  # (out, in): the row's error gradient, updated by rank-two steps
+    active = pruned.any(1) & (~pruned).any(1)
+    group = torch.arange(W.shape[1], device=W.device) // pattern.m if pattern.is_nm else None
+    for _ in range(cycles):
+        r = active.nonzero().squeeze(1)
+        if r.numel() == 0:
+            break
+        s = torch.sign(e[r]).unsqueeze(1)  # (rows, 1)
+        grow_ok = growable[r] & (grow_sign[r] == s)
+        j = torch.where(grow_ok, grow_score[r], -torch.inf).argmax(1)
+        prune_ok = ~pruned[r] & (prune_sign[r] == -s)
+        if group is not None:
+            prune_ok &= group.unsqueeze(0) == group[j].unsqueeze(1)
+        k = torch.where(prune_ok, wanda[r], torch.inf).argmin(1)
+        rows = torch.arange(r.numel(), device=W.device)
+        found = grow_ok[rows, j] & prune_ok[rows, k]
+        a_j = -W[r, j].double()  # delta_j: W_j -> 0
+        a_k = W_hat[r, k].double()  # delta_k: W_k - Ŵ_k -> W_k
+        change = (2 * (a_j * v[r, j] + a_k * v[r, k]) + a_j.square() * G[j, j] + a_k.square() * G[k, k]
+                  + 2 * a_j * a_k * G[j, k])
+        take = found & (change < 0)
+        active[r[~take]] = False
+        if not take.any():
+            break
+        r, j, k, a_j, a_k = r[take], j[take], k[take], a_j[take], a_k[take]
+        W_hat[r, j], W_hat[r, k] = W[r, j], 0
+        pruned[r, j], pruned[r, k] = False, True
+        growable[r, j], growable[r, k] = False, W[r, k] != 0
+        prune_sign[r, j] = grow_sign[r, j]
+        wanda[r, j], wanda[r, k] = W[r, j].abs() * norms[j], 0
+        v[r] += a_j.unsqueeze(1) * G[j] + a_k.unsqueeze(1) * G[k]
+        e[r] += a_j * mean[j] + a_k * mean[k]
+    return W_hat
