@@ -146,8 +146,8 @@ class PruneConfig:
         for s in self.block_sparsity:
             if not 0 < s < 1:
                 raise ValueError(f"block sparsity {s} is outside (0, 1): each block needs a fraction of zeros, e.g. 0.6")
-        if self.block_sparsity and abs(sum(self.block_sparsity) / len(self.block_sparsity) - self.pattern.sparsity) > 1e-6:
-            mean = sum(self.block_sparsity) / len(self.block_sparsity)
+        mean = sum(self.block_sparsity) / len(self.block_sparsity) if self.block_sparsity else self.pattern.sparsity
+        if abs(mean - self.pattern.sparsity) > 1e-6:
             raise ValueError(f"the per-block sparsities average {mean:.6g}, not --sparsity {self.pattern.sparsity}: "
                              f"pass --sparsity {mean:.6g} or fix the allocation")
         if self.refine is not None and self.refine not in REFINEMENTS:
@@ -156,6 +156,10 @@ class PruneConfig:
             raise ValueError(f"--refine {self.refine} swaps single weights: not with --pattern g{self.pattern.group}")
         if self.refine_cycles < 1:
             raise ValueError(f"--refine-cycles {self.refine_cycles} must be at least 1")
+        if self.blocksize < 1:
+            raise ValueError(f"--blocksize {self.blocksize} must be at least 1")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
 
     def for_block(self, index: int) -> "PruneConfig":
         """This configuration as block ``index`` applies it: its own sparsity, nothing left to allocate."""
@@ -163,10 +167,6 @@ class PruneConfig:
             return self
         pattern = replace(self.pattern, sparsity=self.block_sparsity[index])
         return replace(self, pattern=pattern, allocation="uniform", block_sparsity=())
-        if self.blocksize < 1:
-            raise ValueError(f"--blocksize {self.blocksize} must be at least 1")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
 
 
 QUANT_METHODS = ("rtn", "gptq")
@@ -302,8 +302,8 @@ class Recipe:
     def __str__(self) -> str:
         parts = []
         if self.prune:
-            extras = [e for e in (self.prune.allocation if self.prune.allocation != "uniform" else None, self.prune.refine) if e]
-            parts.append(" ".join([self.prune.method, str(self.prune.pattern), *extras]))
+            allocation = None if self.prune.allocation == "uniform" else self.prune.allocation
+            parts.append(" ".join(p for p in (self.prune.method, str(self.prune.pattern), allocation, self.prune.refine) if p))
         return " + ".join(parts + [str(part) for part in (self.quant, self.act) if part])
 
     def for_block(self, index: int) -> "Recipe":
