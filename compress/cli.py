@@ -327,9 +327,10 @@ def _self_calibration(spec: str, dtype: str, lm, tokenizer, cfg, device):
              cfg.nsamples, cfg.seqlen, cfg.temperature, cfg.top_p, cfg.seed)
     gen_model.to(device)
     try:
-        with tqdm(total=cfg.nsamples, desc="self-calibration", unit="sample", file=sys.stderr) as bar:
+        with tqdm(total=cfg.nsamples * (cfg.seqlen - 1), desc="self-calibration", unit="token", unit_scale=True,
+                  file=sys.stderr) as bar:
             return selfgen.generate_calibration(gen_model, tokenizer, cfg, device,
-                                                on_batch=lambda done: bar.update(done - bar.n))
+                                                on_tokens=lambda done: bar.update(done - bar.n))
     finally:
         gen_model.to("cpu")
         del gen_model

@@ -152,8 +152,11 @@ def test_self_calibration_is_seeded_exact_length_and_recorded(tokenizer):
     assert manifest.source == "self" and manifest.generation == {"start_token": tokenizer.bos_token_id,
                                                                   "temperature": 0.8, "top_p": 0.9}
     state = torch.get_rng_state()  # the caller's random stream is not consumed
-    generate_calibration(model, tokenizer, cfg, batch_size=5)
+    counts = []
+    one_batch, _ = generate_calibration(model, tokenizer, cfg, batch_size=5, on_tokens=counts.append)
     assert torch.equal(state, torch.get_rng_state())
+    assert counts == [5 * step for step in range(1, 24)]  # every sampling step reported, for the bar's ETA
+    assert one_batch.shape == (5, 24) and (one_batch[:, 1:] != tokenizer.eos_token_id).all()
 
 
 def _prune(model_dir, out, *extra, calib=None):

@@ -13,6 +13,7 @@ import logging
 import time
 
 import torch
+from transformers import StoppingCriteria
 
 from compress.calibration.data import CalibManifest, token_hash
 from compress.config import CalibConfig
@@ -24,7 +25,7 @@ SOURCE = "self"
 
 @torch.no_grad()
 def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.device | str = "cpu",
-                         batch_size: int = 128, on_batch=None) -> tuple[torch.Tensor, CalibManifest]:
+                         batch_size: int = 128, on_tokens=None) -> tuple[torch.Tensor, CalibManifest]:
     """``(nsamples, seqlen)`` token ids sampled from ``model`` (module docstring) and their manifest.
 
     Args:
@@ -33,7 +34,8 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
             (SmolLM2-135M here: 0.36 s per step for 4 samples on one busy thread; a batch of 32 samples x 512
             tokens had not finished after 15 minutes beside another job), so few large batches beat many
             small ones (the KV cache of 128 x 512 tokens is ~0.4 GB for that model).
-        on_batch: called with the number of samples done after each batch.
+        on_tokens: called after every sampling step with the number of tokens sampled so far (over all
+            samples; ``nsamples * (seqlen - 1)`` at the end), for a progress bar with an ETA.
     """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
@@ -42,6 +44,7 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
     model.eval()
     samples = []
     t0 = time.perf_counter()
+    progress = [_Progress(on_tokens)] if on_tokens else []
     with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         for done in range(0, cfg.nsamples, batch_size):
@@ -51,10 +54,9 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=cfg.temperature,
                 top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.seqlen - 1, min_new_tokens=cfg.seqlen - 1,
                 use_cache=True, pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
+                stopping_criteria=progress,
             )
             samples.append(out[:, : cfg.seqlen].cpu())
-            if on_batch:
-                on_batch(done + n)
     tokens = torch.cat(samples)
     log.info("generated %d calibration samples of %d tokens in %.0f s (temperature %g, top-p %g, seed %d)",
              cfg.nsamples, cfg.seqlen, time.perf_counter() - t0, cfg.temperature, cfg.top_p, cfg.seed)
@@ -62,3 +64,16 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
                              generation={"start_token": int(start), "temperature": cfg.temperature,
                                          "top_p": cfg.top_p})
     return tokens, manifest
+
+
+class _Progress(StoppingCriteria):
+    """Never stops generation: counts the tokens sampled at every step for ``on_tokens``."""
+
+    def __init__(self, on_tokens):
+        self.on_tokens = on_tokens
+        self.tokens = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.tokens += input_ids.shape[0]
+        self.on_tokens(self.tokens)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
