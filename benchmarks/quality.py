@@ -5,7 +5,10 @@ windows of 1024 tokens, first 50 windows, fp32. Both tools get the very same cal
 Both tools prune the same dense fp32 safetensors folder (the GGUF dequantized once). The peer's script
 runs with ``python -P`` (no script folder on ``sys.path``): this folder's ``kernels.py`` would otherwise shadow
 the ``kernels`` package transformers imports. Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
-venv), one at a time; wall time, and peak RSS from GNU time on that process (see ``timed``).
+venv), one at a time; wall time, and peak RSS from GNU time on that process (see ``timed``). With
+``--repeat N`` each pair runs N times, alternating the tools (so a slow spell of this shared machine hits both),
+and the table gives the median seconds and the median peak RSS; every run's figures, with the CPU time the
+hypervisor stole meanwhile, stay in the JSON.
 
     python benchmarks/quality.py --llmc-python /path/to/llmc-venv/bin/python --work bench-work --json quality.json
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +43,7 @@ def timed(cmd: list[str], log: Path) -> dict:
     time_bin = shutil.which("time") or "/usr/bin/time"
     if not Path(time_bin).is_file():
         raise RuntimeError("GNU time (/usr/bin/time) is needed to measure a command's own peak RSS: apt install time")
+    steal = _steal_seconds()
     start = time.perf_counter()
     with open(log, "w") as fh:
         code = subprocess.call([time_bin, "-f", "PEAK_RSS_KB=%M", *cmd], stdout=fh, stderr=subprocess.STDOUT)
@@ -45,7 +51,22 @@ def timed(cmd: list[str], log: Path) -> dict:
     if code != 0:
         raise RuntimeError(f"{cmd[:3]} failed, see {log}")
     peak_kb = int(log.read_text().rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
-    return {"seconds": seconds, "peak_rss_mib": peak_kb / 1024}
+    return {"seconds": seconds, "peak_rss_mib": peak_kb / 1024, "steal_seconds": _steal_seconds() - steal}
+
+
+def _steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to others, all cores (``/proc/stat``; 0 where there is none)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The median seconds and peak RSS of repeated runs, with the runs themselves."""
+    return {"seconds": statistics.median(r["seconds"] for r in runs),
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs), "runs": runs}
 
 
 def slug(method: str, pattern: str) -> str:
@@ -100,6 +121,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/quality.json)")
     ap.add_argument("--markdown", type=Path, metavar="JSON", help="only print a markdown table of a results JSON")
     ap.add_argument("--no-ppl", action="store_true", help="time the prunes only (perplexities are reported as nan)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each prune, alternating the tools (medians reported)")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())["results"]))
@@ -117,20 +139,28 @@ def main() -> None:
             continue
         row = results[name] = {"method": method, "pattern": pattern}
         flag = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
-        ours = args.work / f"compress-{name}"
-        if not (args.reuse and (ours / "timing.json").is_file()):
-            timing = timed([*compress_cmd, "prune", str(dense_dir), "--method", method, *flag, "--calib", str(args.data / "valid.txt"),
-                            "--nsamples", str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
-                            "--out", str(ours), "--overwrite"], args.work / f"compress-{name}.log")
-            (ours / "timing.json").write_text(json.dumps(timing))
+        ours, peer = args.work / f"compress-{name}", args.work / f"llmc-{name}"
+        with_peer = bool(args.llmc_python) and method in PEER_METHODS
+        ours_cmd = [*compress_cmd, "prune", str(dense_dir), "--method", method, *flag, "--calib", str(args.data / "valid.txt"),
+                    "--nsamples", str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--device", "cpu",
+                    "--out", str(ours), "--overwrite"]
+        peer_cmd = [args.llmc_python, "-P", str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
+                    str(calib), method, pattern, str(peer)]
+        ours_runs, peer_runs = [], []
+        for k in range(args.repeat):
+            if not (args.reuse and (ours / "timing.json").is_file()):
+                ours_runs.append(timed(ours_cmd, args.work / f"compress-{name}.log"))
+                (ours / "timing.json").write_text(json.dumps(summarize(ours_runs)))
+            if with_peer and not (args.reuse and (peer / "process_timing.json").is_file()):
+                peer_runs.append(timed(peer_cmd, args.work / f"llmc-{name}.log"))
+                (peer / "process_timing.json").write_text(json.dumps(summarize(peer_runs)))
+            if ours_runs and (peer_runs or not with_peer):
+                last = [f"compress {ours_runs[-1]['seconds']:.0f} s"] + ([f"llm-compressor {peer_runs[-1]['seconds']:.0f} s"]
+                                                                       if peer_runs else [])
+                print(f"{name} run {k + 1}/{args.repeat}: {', '.join(last)}", flush=True)
         row["compress"] = {**json.loads((ours / "timing.json").read_text()),
                            "ppl": ppl(str(ours), args.data, args.eval_seqlen, args.limit)}
-        peer = args.work / f"llmc-{name}"
-        if args.llmc_python and method in PEER_METHODS:
-            if not (args.reuse and (peer / "process_timing.json").is_file()):
-                timing = timed([args.llmc_python, "-P", str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
-                                str(calib), method, pattern, str(peer)], args.work / f"llmc-{name}.log")
-                (peer / "process_timing.json").write_text(json.dumps(timing))
+        if with_peer:
             row["llmcompressor"] = {**json.loads((peer / "process_timing.json").read_text()),
                                     "oneshot_seconds": json.loads((peer / "timing.json").read_text())["oneshot_seconds"],
                                     "ppl": ppl(str(peer), args.data, args.eval_seqlen, args.limit)}
