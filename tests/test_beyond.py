@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from compress import models
-from compress.calibration.selfgen import generate_calibration
+from compress.calibration.selfgen import generate_calibration, nucleus, sample
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.cli import app
 from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
@@ -157,6 +157,47 @@ def test_self_calibration_is_seeded_exact_length_and_recorded(tokenizer):
     assert torch.equal(state, torch.get_rng_state())
     assert counts == [5 * step for step in range(1, 24)]  # every sampling step reported, for the bar's ETA
     assert one_batch.shape == (5, 24) and (one_batch[:, 1:] != tokenizer.eos_token_id).all()
+
+
+def _nucleus_by_full_sort(probs, top_p):
+    out = torch.zeros_like(probs)
+    for r, row in enumerate(probs):
+        mass = 0.0
+        for j in row.argsort(descending=True).tolist():
+            if mass >= top_p:
+                break
+            out[r, j] = row[j]
+            mass += float(row[j])
+    return out
+
+
+def test_nucleus_equals_the_full_sort_inside_and_beyond_its_top_k():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen, dtype=torch.float64)
+    logits[:3] *= 6  # peaked rows: their nucleus fits in a few tokens; flat rows need the full sort
+    probs = logits.softmax(-1)
+    for top_p in (0.3, 0.9, 0.999):
+        expected = _nucleus_by_full_sort(probs, top_p)
+        for top_k in (4, 50):
+            assert torch.equal(nucleus(probs, top_p, top_k=top_k), expected), (top_p, top_k)
+    assert (nucleus(probs, 0.9, top_k=4) > 0).sum(-1)[3:].min() > 4  # the flat rows did go past the top 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gpt2"])
+def test_self_calibration_samples_what_the_uncached_model_predicts(family, tokenizer):
+    """The cached sampling loop draws each token from the distribution a full forward over the sample so far
+    gives (same generator, same draws): the KV cache and positions are used right in every family."""
+    model = build(family)
+    cfg = CalibConfig("self", nsamples=3, seqlen=12, seed=5, temperature=0.7, top_p=0.8)
+    tokens, _ = generate_calibration(model, tokenizer, cfg)
+    gen = torch.Generator().manual_seed(5)
+    ids = tokens[:, :1].clone()
+    with torch.no_grad():
+        for pos in range(1, 12):
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            logits[:, tokenizer.eos_token_id] = float("-inf")
+            ids = torch.cat([ids, sample(logits, 0.7, 0.8, gen)[:, None]], dim=1)
+    assert torch.equal(ids, tokens)
 
 
 def _prune(model_dir, out, *extra, calib=None):

@@ -5,6 +5,10 @@ the model, seeded, with temperature and nucleus (top-p) sampling, to exactly ``s
 suppressed until then). The samples are the calibration windows as they are; their hash goes to the
 manifest as a file's would. Generation needs the whole model in memory (on ``device``), unlike the
 block-streamed compression.
+
+The sampling loop is our own rather than ``generate``'s: a batch of 128 samples over a 49k-token vocabulary
+spends most of a step outside the model in ``generate`` (sorting every row of the vocabulary for top-p, and
+its bookkeeping), while the nucleus almost always lies within the few hundred most likely tokens (``nucleus``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import logging
 import time
 
 import torch
-from transformers import StoppingCriteria
 
 from compress.calibration.data import CalibManifest, token_hash
 from compress.config import CalibConfig
@@ -21,6 +24,7 @@ from compress.config import CalibConfig
 log = logging.getLogger(__name__)
 
 SOURCE = "self"
+NUCLEUS_TOP_K = 1024  # candidates tried before a full sort of the row
 
 
 @torch.no_grad()
@@ -30,10 +34,9 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
 
     Args:
         cfg: ``source == "self"``; ``seed``, ``temperature`` and ``top_p`` drive the sampling.
-        batch_size: samples generated together. On CPU each ``generate`` step has a large fixed cost
-            (SmolLM2-135M here: 0.36 s per step for 4 samples on one busy thread; a batch of 32 samples x 512
-            tokens had not finished after 15 minutes beside another job), so few large batches beat many
-            small ones (the KV cache of 128 x 512 tokens is ~0.4 GB for that model).
+        batch_size: samples generated together. On CPU a step's cost is mostly fixed (weights read once per
+            step), so few large batches beat many small ones (the KV cache of 128 x 512 tokens is ~0.4 GB
+            for SmolLM2-135M).
         on_tokens: called after every sampling step with the number of tokens sampled so far (over all
             samples; ``nsamples * (seqlen - 1)`` at the end), for a progress bar with an ETA.
     """
@@ -41,22 +44,26 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
     if start is None:
         raise ValueError("--calib self starts every sample at the BOS (or EOS) token, and this tokenizer has "
                          "neither: pass a calibration file instead")
+    device = torch.device(device)
     model.eval()
-    samples = []
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the caller's random stream stays untouched
+    banned = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    samples, sampled = [], 0
     t0 = time.perf_counter()
-    progress = [_Progress(on_tokens)] if on_tokens else []
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        for done in range(0, cfg.nsamples, batch_size):
-            n = min(batch_size, cfg.nsamples - done)
-            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-            out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.seqlen - 1, min_new_tokens=cfg.seqlen - 1,
-                use_cache=True, pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
-                stopping_criteria=progress,
-            )
-            samples.append(out[:, : cfg.seqlen].cpu())
+    for done in range(0, cfg.nsamples, batch_size):
+        n = min(batch_size, cfg.nsamples - done)
+        ids = torch.full((n, cfg.seqlen), start, dtype=torch.long, device=device)
+        cache = None
+        for pos in range(1, cfg.seqlen):
+            out = model(input_ids=ids[:, pos - 1: pos], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            logits[:, banned] = float("-inf")  # EOS would end a sample early
+            ids[:, pos] = sample(logits, cfg.temperature, cfg.top_p, gen)
+            sampled += n
+            if on_tokens:
+                on_tokens(sampled)
+        samples.append(ids.cpu())
     tokens = torch.cat(samples)
     log.info("generated %d calibration samples of %d tokens in %.0f s (temperature %g, top-p %g, seed %d)",
              cfg.nsamples, cfg.seqlen, time.perf_counter() - t0, cfg.temperature, cfg.top_p, cfg.seed)
@@ -66,14 +73,27 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
     return tokens, manifest
 
 
-class _Progress(StoppingCriteria):
-    """Never stops generation: counts the tokens sampled at every step for ``on_tokens``."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``(batch, vocab)`` logits: softmax at ``temperature``, restricted to the nucleus."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        probs = nucleus(probs, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    def __init__(self, on_tokens):
-        self.on_tokens = on_tokens
-        self.tokens = 0
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        self.tokens += input_ids.shape[0]
-        self.on_tokens(self.tokens)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+def nucleus(probs: torch.Tensor, top_p: float, top_k: int = NUCLEUS_TOP_K) -> torch.Tensor:
+    """``probs`` with every token outside each row's nucleus zeroed (not renormalized): the most likely
+    tokens whose preceding mass is below ``top_p`` (the smallest set reaching it).
+
+    Exact, not approximate: a row whose ``top_k`` most likely tokens reach ``top_p`` has its whole nucleus
+    among them, since every other token is preceded by at least their mass; only the other rows are sorted
+    in full.
+    """
+    k = min(top_k, probs.shape[-1])
+    top, idx = probs.topk(k, dim=-1)
+    kept = torch.zeros_like(probs).scatter_(-1, idx, top * (top.cumsum(-1) - top < top_p))
+    wide = (top.sum(-1) < top_p).nonzero().squeeze(1)
+    if wide.numel():
+        ordered, order = probs[wide].sort(dim=-1, descending=True)
+        kept[wide] = torch.zeros_like(ordered).scatter_(-1, order, ordered * (ordered.cumsum(-1) - ordered < top_p))
+    return kept
