@@ -6,9 +6,10 @@ suppressed until then). The samples are the calibration windows as they are; the
 manifest as a file's would. Generation needs the whole model in memory (on ``device``), unlike the
 block-streamed compression.
 
-The sampling loop is our own rather than ``generate``'s: a batch of 128 samples over a 49k-token vocabulary
-spends most of a step outside the model in ``generate`` (sorting every row of the vocabulary for top-p, and
-its bookkeeping), while the nucleus almost always lies within the few hundred most likely tokens (``nucleus``).
+The sampling loop is our own rather than ``generate``'s: with a batch of 128 samples ``generate`` spends most
+of a step outside the model's weights, sorting every row of the 49k-token vocabulary for top-p (``nucleus``
+looks at the most likely tokens first) and growing the KV cache by concatenation, which copies the whole cache
+at every token (``_PreallocatedLayer`` writes into buffers of the sample's length instead).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import time
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from compress.calibration.data import CalibManifest, token_hash
 from compress.config import CalibConfig
@@ -53,10 +55,9 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
     for done in range(0, cfg.nsamples, batch_size):
         n = min(batch_size, cfg.nsamples - done)
         ids = torch.full((n, cfg.seqlen), start, dtype=torch.long, device=device)
-        cache = None
+        cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(cfg.seqlen))
         for pos in range(1, cfg.seqlen):
             out = model(input_ids=ids[:, pos - 1: pos], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
             logits = out.logits[:, -1].float()
             logits[:, banned] = float("-inf")  # EOS would end a sample early
             ids[:, pos] = sample(logits, cfg.temperature, cfg.top_p, gen)
@@ -97,3 +98,34 @@ def nucleus(probs: torch.Tensor, top_p: float, top_k: int = NUCLEUS_TOP_K) -> to
         ordered, order = probs[wide].sort(dim=-1, descending=True)
         kept[wide] = torch.zeros_like(ordered).scatter_(-1, order, ordered * (ordered.cumsum(-1) - ordered < top_p))
     return kept
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values are views into buffers of ``capacity`` tokens, filled in place.
+
+    transformers' ``DynamicLayer`` concatenates every step: at 400 tokens of 128 samples that copied 2.4 GB
+    per step over SmolLM2-135M's 30 layers. The views hold exactly the tokens so far, so attention needs no
+    mask (unlike ``StaticCache``, whose masked full-length keys also defeat grouped-query SDPA).
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads = key_states.shape[:2]
+        self._keys = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self._values = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        self._keys[:, :, start:end] = key_states
+        self._values[:, :, start:end] = value_states
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
