@@ -147,6 +147,7 @@ def main() -> None:
         peer_cmd = [args.llmc_python, "-P", str(ROOT / "benchmarks" / "llmcompressor_run.py"), str(dense_dir),
                     str(calib), method, pattern, str(peer)]
         ours_runs, peer_runs = [], []
+        shutil.rmtree(args.work / f".compress-{name}.partial", ignore_errors=True)  # a killed benchmark's unfinished run
         for k in range(args.repeat):
             if not (args.reuse and (ours / "timing.json").is_file()):
                 ours_runs.append(timed(ours_cmd, args.work / f"compress-{name}.log"))
