@@ -553,15 +553,15 @@ def outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, ignore: tup
         if io is not None:
             io.load(i, block)
         block.to(device)
-        linears = {n: m for n, m in models.linears(block).items() if not models.is_ignored(f"{prefix}.{i}.{n}", ignore)}
-        norms = {n: SquaredNorms(models.in_features(m)) for n, m in linears.items()}
-        handles = [m.register_forward_pre_hook(lambda _m, a, n=n: norms[n].update(a[0])) for n, m in linears.items()]
+        linears = {n: lin for n, lin in models.linears(block).items() if not models.is_ignored(f"{prefix}.{i}.{n}", ignore)}
+        norms = {n: SquaredNorms(models.in_features(lin)) for n, lin in linears.items()}
+        handles = [lin.register_forward_pre_hook(lambda _m, a, n=n: norms[n].update(a[0])) for n, lin in linears.items()]
         try:
             inputs = [BlockInputs(_forward(block, inp), inp.args, inp.kwargs) for inp in inputs]
         finally:
             for h in handles:
                 h.remove()
-        scores = [wanda.score(models.weight_view(m).float(), norms[n].finalize()) for n, m in linears.items()]
+        scores = [wanda.score(models.weight_view(lin).float(), norms[n].finalize()) for n, lin in linears.items()]
         ratios.append(owl.outlier_ratio(scores, m))
         block.to("cpu")
         if io is not None:

@@ -49,7 +49,7 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
     device = torch.device(device)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the caller's random stream stays untouched
-    banned = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    eos = tokenizer.eos_token_id
     samples, sampled = [], 0
     t0 = time.perf_counter()
     for done in range(0, cfg.nsamples, batch_size):
@@ -59,7 +59,8 @@ def generate_calibration(model, tokenizer, cfg: CalibConfig, device: torch.devic
         for pos in range(1, cfg.seqlen):
             out = model(input_ids=ids[:, pos - 1: pos], past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1].float()
-            logits[:, banned] = float("-inf")  # EOS would end a sample early
+            if eos is not None:
+                logits[:, eos] = float("-inf")  # EOS would end a sample early
             ids[:, pos] = sample(logits, cfg.temperature, cfg.top_p, gen)
             sampled += n
             if on_tokens:
