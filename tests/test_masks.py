@@ -42,6 +42,24 @@ def test_matrix_scope_is_one_global_ranking():
     assert score[~keep].max() <= score[keep].min()
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_prune_lowest_selection_matches_topk_with_and_without_ties(ties):
+    """The k-th-value shortcut drops exactly the k lowest of each row; ties at the threshold fall back to
+    topk and still drop exactly k."""
+    gen = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 40, (6, 300), generator=gen).float() if ties else torch.rand(6, 300, generator=gen)
+    for k in (1, 150, 299):
+        keep = masks.prune_lowest(score, k)
+        assert (keep.sum(-1) == 300 - k).all()
+        slow = torch.ones_like(keep)
+        slow.scatter_(-1, torch.sort(score, dim=-1, stable=True).indices[:, :k], False)
+        if not ties:
+            assert torch.equal(keep, slow)
+        for r in range(6):
+            assert score[r][~keep[r]].max() <= score[r][keep[r]].min()
+    assert not masks.prune_lowest(score, 300).any() and masks.prune_lowest(score, 0).all()
+
+
 def test_nm_refuses_indivisible_columns():
     with pytest.raises(ValueError, match="divisible by 4, got 10"):
         masks.select(torch.rand(3, 10), Pattern.parse(pattern="2:4"))
