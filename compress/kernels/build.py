@@ -46,9 +46,17 @@ def ops():
             raise RuntimeError("no C++ compiler (c++) on PATH")
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        built = any(folder.glob(f"{NAME}*.so"))
-        if not built:
-            log.info("compiling compress's CPU kernels into %s (once per machine and torch version, about a minute)", folder)
+        built = folder / f"{NAME}.so"
+        if built.is_file():
+            # The folder is named after the sources' content: load what is there. (cpp_extension.load would
+            # rebuild, ~15 s, whenever the same sources are read from another path, e.g. another checkout.)
+            try:
+                torch.ops.load_library(str(built))
+                return getattr(torch.ops, NAME)
+            except OSError as err:  # e.g. a build killed while linking
+                log.warning("the cached kernels %s do not load (%s); rebuilding them", built, str(err).splitlines()[0])
+                built.unlink()
+        log.info("compiling compress's CPU kernels into %s (once per machine and torch version, about a minute)", folder)
         cpp_extension.load(name=NAME, sources=[str(p) for p in SOURCES], build_directory=str(folder),
                            extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
                            verbose=False)
