@@ -98,6 +98,7 @@ class CalibConfig:
 SCOPES = ("row", "matrix", "block")
 ALLOCATIONS = ("uniform", "owl")
 REFINEMENTS = ("dsnot",)
+GRAM_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,8 @@ class Recipe:
         ignore: regular expressions; a linear whose full name matches one (``re.search``) is left as it is.
         quant_lm_head: also quantize the output projection (round to nearest on ``quant``'s grid: it has no
             calibrated input statistics here); an input embedding tied to it shares the quantized weights.
+        gram_precision: products of the calibration Gram matrix (the Hessian): ``auto``, ``fp32`` or ``bf16``
+            (``calibration.stats``); the pipeline resolves ``auto`` for its device.
     """
 
     prune: PruneConfig | None = None
@@ -283,8 +286,11 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     act: ActConfig | None = None
     quant_lm_head: bool = False
+    gram_precision: str = "auto"
 
     def __post_init__(self):
+        if self.gram_precision not in GRAM_PRECISIONS:
+            raise ValueError(f"--gram-precision {self.gram_precision!r} is not one of {', '.join(GRAM_PRECISIONS)}")
         if self.prune is None and self.quant is None and self.act is None:
             raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
         if self.quant_lm_head and self.quant is None:
@@ -338,7 +344,8 @@ class Recipe:
             _check_keys(ActConfig, act, "recipe.act")
             act = ActConfig(**{**act, "targets": tuple(act.get("targets", ()))})
         return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act,
-                   quant_lm_head=bool(data.get("quant_lm_head", False)))
+                   quant_lm_head=bool(data.get("quant_lm_head", False)),
+                   gram_precision=data.get("gram_precision", "fp32"))  # what recipes had before the choice existed
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

@@ -37,6 +37,11 @@ def needs_hessian(recipe: Recipe) -> bool:
                 or (recipe.quant and recipe.quant.method == "gptq"))
 
 
+def needs_norms(recipe: Recipe) -> bool:
+    """Whether the recipe's methods read the inputs' mean squares (Wanda's score, DSnoT's)."""
+    return bool(recipe.prune and (get(recipe.prune.method).uses_norms or recipe.prune.refine))
+
+
 def _prune(W: torch.Tensor, stats: InputStats, recipe: Recipe) -> torch.Tensor:
     prune = recipe.prune
     W_hat = get(prune.method).apply(W, stats, prune)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from compress.calibration import stats as stats_mod
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Pattern, PruneConfig
 from compress.prune import METHODS, InputStats, masks, sparsegpt, wanda
@@ -43,6 +44,28 @@ def test_upper_triangle_gram_with_row_panels_equals_full_product():
     sq = SquaredNorms(50)
     sq.update(X)
     torch.testing.assert_close(sq.finalize(), g.finalize().diagonal(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(stats_mod.resolve_products("auto", "cpu") != "bf16", reason="bf16 products need a CPU with AMX")
+def test_bf16_gram_products_are_the_fp32_sums_of_bf16_rounded_inputs():
+    X = outlier_inputs(4096, 1100)  # wide enough for the row-panel path too
+    exact, fast = Gram(1100), Gram(1100, products="bf16")
+    exact.update(X)
+    fast.update(X)
+    rounded = X.bfloat16().double()
+    torch.testing.assert_close(fast.finalize().double(), rounded.T @ rounded / 4096, rtol=1e-5, atol=1e-5)
+    G = exact.finalize()
+    assert 1e-6 < float(torch.linalg.norm(fast.finalize() - G) / torch.linalg.norm(G)) < 1e-3
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the setting is back as it was
+
+
+def test_gram_precision_choices():
+    assert stats_mod.resolve_products("auto", "cuda") == "fp32"
+    assert stats_mod.resolve_products("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match=r"--gram-precision 'fp16' is not one of auto, fp32, bf16"):
+        stats_mod.resolve_products("fp16", "cpu")
+    with pytest.raises(ValueError, match="resolve it first"):
+        Gram(8, products="auto")
 
 
 def test_reconstruction_error_from_gram_equals_direct():

@@ -72,6 +72,7 @@ class Method:
     default_scope: str
     summary: str
     needs_hessian: bool = False  # False: the Gram matrix only measures the error, a token subsample will do
+    uses_norms: bool = False  # reads the inputs' mean squares (InputStats.sq)
 
 
 def _scorer(score_fn, default_scope: str):
@@ -93,7 +94,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("magnitude", _scorer(magnitude.score, "matrix"), "matrix", "|W|, one ranking per matrix"),
-        Method("wanda", _scorer(wanda.score, "row"), "row", "|W|·‖X_j‖₂, per output row (Sun et al. 2023)"),
+        Method("wanda", _scorer(wanda.score, "row"), "row", "|W|·‖X_j‖₂, per output row (Sun et al. 2023)",
+               uses_norms=True),
         Method("sparsegpt", _sparsegpt, "block", "OBS with weight update, 128-column blocks (Frantar & Alistarh 2023)",
                needs_hessian=True),
     )
