@@ -152,3 +152,21 @@ def test_large_block_cache_hands_freed_blocks_back_within_its_cap():
     d = a * 4  # allocated by torch's allocator again; c (from the cache) frees through its own deleter
     del c
     assert torch.equal(d, a * 4) and kernels.cpu_cache_stats()[2] == 0 and small.sum() == 20
+
+
+@pytest.mark.skipif(compiled() is None, reason="no C++ compiler: the reference path is used")
+def test_a_built_library_is_loaded_without_building_again(tmp_path):
+    """Another process (as from another checkout) finds the library in the cache folder named after the
+    sources and loads it; cpp_extension.load, which would rebuild it, is not called."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch.utils.cpp_extension as ext\n"
+              "def refuse(*a, **k): raise AssertionError('rebuilt')\n"
+              "ext.load = refuse\n"
+              "from compress.kernels.build import ops\n"
+              "assert ops() is not None and ops().isa() >= 0\n")
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
