@@ -24,13 +24,13 @@ LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pr
 
 def main() -> None:
     from compress import models
-    from compress.calibration.stats import Gram, resolve_products
+    from compress.calibration.stats import Gram, resolve_precision
 
     ap = protocol_parser(__doc__, peer=False)
     ap.add_argument("--blocks", type=int, nargs="*", default=[0, 14, 29])
     ap.add_argument("--json", type=Path, help="write the results here (default: WORK/gram-precision.json)")
     args = ap.parse_args()
-    if resolve_products("auto", "cpu") != "bf16":
+    if resolve_precision("auto", "cpu") != "bf16":
         sys.exit("this CPU has no AMX: --gram-precision auto is fp32 here, nothing to compare")
     _, dense_dir, calib = prepare(args.work, args.data, args.nsamples, args.calib_seqlen)
     tokens = torch.load(calib)

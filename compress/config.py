@@ -98,7 +98,7 @@ class CalibConfig:
 SCOPES = ("row", "matrix", "block")
 ALLOCATIONS = ("uniform", "owl")
 REFINEMENTS = ("dsnot",)
-GRAM_PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # of calibration arithmetic: --gram-precision, --forward-precision
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,9 @@ class Recipe:
             calibrated input statistics here); an input embedding tied to it shares the quantized weights.
         gram_precision: products of the calibration Gram matrix (the Hessian): ``auto``, ``fp32`` or ``bf16``
             (``calibration.stats``); the pipeline resolves ``auto`` for its device.
+        forward_precision: the calibration forwards that make each block's inputs, ``auto``, ``fp32`` or
+            ``bf16`` (autocast: matmuls and attention in bf16, the residual stream in the model's dtype;
+            ``pipeline``); resolved like ``gram_precision``.
     """
 
     prune: PruneConfig | None = None
@@ -287,10 +290,12 @@ class Recipe:
     act: ActConfig | None = None
     quant_lm_head: bool = False
     gram_precision: str = "auto"
+    forward_precision: str = "auto"
 
     def __post_init__(self):
-        if self.gram_precision not in GRAM_PRECISIONS:
-            raise ValueError(f"--gram-precision {self.gram_precision!r} is not one of {', '.join(GRAM_PRECISIONS)}")
+        for option, value in (("--gram-precision", self.gram_precision), ("--forward-precision", self.forward_precision)):
+            if value not in PRECISIONS:
+                raise ValueError(f"{option} {value!r} is not one of {', '.join(PRECISIONS)}")
         if self.prune is None and self.quant is None and self.act is None:
             raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
         if self.quant_lm_head and self.quant is None:
@@ -345,7 +350,8 @@ class Recipe:
             act = ActConfig(**{**act, "targets": tuple(act.get("targets", ()))})
         return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act,
                    quant_lm_head=bool(data.get("quant_lm_head", False)),
-                   gram_precision=data.get("gram_precision", "fp32"))  # what recipes had before the choice existed
+                   # what recipes did before the choices existed
+                   gram_precision=data.get("gram_precision", "fp32"), forward_precision=data.get("forward_precision", "fp32"))
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

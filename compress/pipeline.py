@@ -16,6 +16,11 @@ When that does not fit the memory budget, the block runs *bounded*: for each gro
 the block from its input up to that group (the groups before it already compressed), feeds the statistics
 and stops; a last pass makes the outputs. Same statistics in the same order, so the same result, for about
 2-2.5x the forward work, and memory is the block's input and output hidden states plus one chunk's activations.
+
+The forwards can run in bf16 (``recipe.forward_precision``, ``auto``: on CPUs with AMX): autocast takes the
+block's matmuls and attention in bf16 while the residual stream stays in the model's dtype. On SmolLM2-135M
+that is 2.5x faster per block than fp32 and moves a block's output by ~1% (relative norm), a deviation each
+following block sees as a slightly different calibration input.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from compress import models
 from compress.activations.histogram import AbsHistogram
 from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds
 from compress.calibration.capture import BlockInputs, capture_block_inputs
-from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error, resolve_products
+from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error, resolve_precision
 from compress.checkpoint import release
 from compress.config import Recipe
 from compress.kernels import allocator
@@ -333,6 +338,7 @@ class _BlockCompressor:
         self.recipe = recipe
         self.block_name = block_name
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
+        self.precision = recipe.forward_precision
         self.with_mean = bool(recipe.prune and recipe.prune.refine)  # DSnoT's expected error
         self.hist_stride = hist_stride
         self.stats: dict[int, tuple] = {}  # group -> _new_stats(group)
@@ -418,7 +424,7 @@ class _BlockCompressor:
             self._local.chunk = c
             try:
                 if not self._abort:
-                    outputs[c] = _forward(block, inputs[c])
+                    outputs[c] = _forward(block, inputs[c], self.precision)
             except _Stop:
                 pass
             except BaseException as err:  # noqa: BLE001 - handed to the main thread by _step
@@ -473,13 +479,13 @@ class _BlockCompressor:
                 self._stop_at = g
                 for inp in inputs:
                     try:
-                        _forward(block, inp)
+                        _forward(block, inp, self.precision)
                     except _Stop:
                         continue
                     raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
                 self._compress_group(g)
             self._stop_at = None
-            outputs = [_forward(block, inp) for inp in inputs]
+            outputs = [_forward(block, inp, self.precision) for inp in inputs]
             self._note_act_sparsity()
         finally:
             for h in handles:
@@ -527,10 +533,14 @@ class _BlockCompressor:
         allocator.trim()
 
 
-def _forward(block: nn.Module, inp: BlockInputs) -> torch.Tensor:
-    with torch.inference_mode():
+def _forward(block: nn.Module, inp: BlockInputs, precision: str = "fp32") -> torch.Tensor:
+    """``block``'s output hidden states for ``inp``, in its dtype; ``precision="bf16"``: under bf16 autocast
+    (entered here: autocast is per thread, and the chunks run in workers)."""
+    bf16 = precision == "bf16" and inp.hidden.dtype != torch.bfloat16
+    with torch.inference_mode(), torch.autocast(inp.hidden.device.type, torch.bfloat16, enabled=bf16):
         out = block(inp.hidden, *inp.args, **inp.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.to(inp.hidden.dtype)
 
 
 def _capture(model: nn.Module, tokens: torch.Tensor, device: torch.device, chunk_samples: int | None):
@@ -550,10 +560,12 @@ def _capture(model: nn.Module, tokens: torch.Tensor, device: torch.device, chunk
 @torch.no_grad()
 def outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, ignore: tuple[str, ...] = (), *,
                    device: torch.device | str = "cpu", chunk_samples: int | None = None,
-                   io: BlockIO | None = None, on_block: Callable[[int, int], None] | None = None) -> list[float]:
+                   io: BlockIO | None = None, on_block: Callable[[int, int], None] | None = None,
+                   precision: str = "fp32") -> list[float]:
     """OWL's outlier ratio of every decoder block of the *dense* model (``compress.prune.owl``): one forward
-    through the blocks on calibration ``tokens``, each block's linears (those ``ignore`` leaves) scored by
-    Wanda's ``|W|·‖X‖`` on their inputs. The model is left as it was (``io`` loads and unloads each block)."""
+    (in ``precision``, resolved) through the blocks on calibration ``tokens``, each block's linears (those
+    ``ignore`` leaves) scored by Wanda's ``|W|·‖X‖`` on their inputs. The model is left as it was (``io``
+    loads and unloads each block)."""
     from compress.prune import owl, wanda
 
     device = torch.device(device)
@@ -568,7 +580,7 @@ def outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, ignore: tup
         norms = {n: SquaredNorms(models.in_features(lin)) for n, lin in linears.items()}
         handles = [lin.register_forward_pre_hook(lambda _m, a, n=n: norms[n].update(a[0])) for n, lin in linears.items()]
         try:
-            inputs = [BlockInputs(_forward(block, inp), inp.args, inp.kwargs) for inp in inputs]
+            inputs = [BlockInputs(_forward(block, inp, precision), inp.args, inp.kwargs) for inp in inputs]
         finally:
             for h in handles:
                 h.remove()
@@ -621,7 +633,8 @@ def compress_sequential(
     """
     check(model, recipe)
     device = torch.device(device)
-    recipe = replace(recipe, gram_precision=resolve_products(recipe.gram_precision, device))
+    recipe = replace(recipe, gram_precision=resolve_precision(recipe.gram_precision, device),
+                     forward_precision=resolve_precision(recipe.forward_precision, device, "--forward-precision"))
     start = time.perf_counter()
     prefix, blocks = models.decoder_blocks(model)
     gram_stride = max(1, tokens.numel() // error_tokens)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, T5Config, T5Model
 from typer.testing import CliRunner
 
-from compress.calibration.stats import resolve_products
+from compress.calibration.stats import resolve_precision
 from compress.cli import app
 from compress.evals.perplexity import perplexity
 from tests.conftest import FAMILIES
@@ -31,7 +31,8 @@ def test_prune_info_eval_round_trip(family, saved_model, calib_txt, tmp_path):
 
     meta = json.loads((out / "compression.json").read_text())
     assert meta["recipe"]["prune"]["method"] == "sparsegpt"
-    assert meta["recipe"]["gram_precision"] == resolve_products("auto", "cpu")  # resolved, not "auto"
+    assert meta["recipe"]["gram_precision"] == resolve_precision("auto", "cpu")  # resolved, not "auto"
+    assert meta["recipe"]["forward_precision"] == resolve_precision("auto", "cpu")
     assert meta["calibration"]["nsamples"] == 4 and len(meta["calibration"]["token_sha256"]) == 64
     assert {"name", "target_sparsity", "sparsity", "rel_error", "seconds"} <= set(meta["report"]["layers"][0])
     assert set(meta["versions"]) >= {"torch", "transformers", "compress"}
@@ -105,6 +106,7 @@ def existing_out(tmp_path):
     (["--sparsity", "0.5", "--nsamples", "100000"], "fewer than --nsamples 100000"),
     (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "source '/nonexistent/calib.txt' is neither a file"),
     (["--sparsity", "0.5", "--gram-precision", "fp16"], "--gram-precision 'fp16' is not one of auto, fp32, bf16"),
+    (["--sparsity", "0.5", "--forward-precision", "half"], "--forward-precision 'half' is not one of auto, fp32, bf16"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(extra, message, saved_model, calib_txt, tmp_path):
     out = tmp_path / "out"

@@ -46,7 +46,7 @@ def test_upper_triangle_gram_with_row_panels_equals_full_product():
     torch.testing.assert_close(sq.finalize(), g.finalize().diagonal(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(stats_mod.resolve_products("auto", "cpu") != "bf16", reason="bf16 products need a CPU with AMX")
+@pytest.mark.skipif(stats_mod.resolve_precision("auto", "cpu") != "bf16", reason="bf16 products need a CPU with AMX")
 def test_bf16_gram_products_are_the_fp32_sums_of_bf16_rounded_inputs():
     X = outlier_inputs(4096, 1100)  # wide enough for the row-panel path too
     exact, fast = Gram(1100), Gram(1100, products="bf16")
@@ -60,10 +60,10 @@ def test_bf16_gram_products_are_the_fp32_sums_of_bf16_rounded_inputs():
 
 
 def test_gram_precision_choices():
-    assert stats_mod.resolve_products("auto", "cuda") == "fp32"
-    assert stats_mod.resolve_products("fp32", "cpu") == "fp32"
+    assert stats_mod.resolve_precision("auto", "cuda") == "fp32"
+    assert stats_mod.resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match=r"--gram-precision 'fp16' is not one of auto, fp32, bf16"):
-        stats_mod.resolve_products("fp16", "cpu")
+        stats_mod.resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="resolve it first"):
         Gram(8, products="auto")
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from compress import models
-from compress.calibration.stats import Gram, resolve_products
+from compress.calibration.stats import Gram, resolve_precision
 from compress.config import Pattern, PruneConfig, Recipe
-from compress.pipeline import check, compress_sequential
+from compress.pipeline import _capture, _forward, check, compress_sequential
 from compress.prune import METHODS, InputStats
 from tests.conftest import FAMILIES, VOCAB, build
 
@@ -47,7 +47,7 @@ def test_driver_equals_pruning_each_layer_on_its_sequential_inputs(family, metho
     tokens = _tokens()
     cfg = PruneConfig(method, Pattern(0.5), blocksize=32)
     ours, ref = build(family), build(family)
-    compress_sequential(ours, tokens, Recipe(cfg, gram_precision="fp32"))  # the reference's Gram products
+    compress_sequential(ours, tokens, Recipe(cfg, gram_precision="fp32", forward_precision="fp32"))  # the reference's
     _reference_true_sequential(ref, tokens, cfg)
     for (name, a), (_, b) in zip(_target_linears(ours).items(), _target_linears(ref).items()):
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
@@ -58,9 +58,9 @@ def test_chunked_calibration_equals_one_pass(method):
     tokens = _tokens(n=7)
     cfg = PruneConfig(method, Pattern.parse(pattern="2:4"))
     one, chunked = build("qwen2"), build("qwen2")
-    # fp32 products: bf16 ones round inputs that chunked forwards compute a few ulps apart to different bf16
-    # values, and on 168 tokens SparseGPT's inverse Hessian turns that into ~1e-3 weight differences
-    recipe = Recipe(cfg, gram_precision="fp32")
+    # fp32 products and forwards: bf16 ones round inputs that chunked forwards compute a few ulps apart to
+    # different bf16 values, and on 168 tokens SparseGPT's inverse Hessian turns that into ~1e-3 weight differences
+    recipe = Recipe(cfg, gram_precision="fp32", forward_precision="fp32")
     r1 = compress_sequential(one, tokens, recipe)
     r2 = compress_sequential(chunked, tokens, recipe, chunk_samples=3)
     for (name, a), (_, b) in zip(_target_linears(one).items(), _target_linears(chunked).items()):
@@ -68,18 +68,43 @@ def test_chunked_calibration_equals_one_pass(method):
     assert [r.rel_error for r in r1.layers] == pytest.approx([r.rel_error for r in r2.layers], rel=1e-3)
 
 
-@pytest.mark.skipif(resolve_products("auto", "cpu") != "bf16", reason="bf16 products need a CPU with AMX")
+@pytest.mark.skipif(resolve_precision("auto", "cpu") != "bf16", reason="bf16 products need a CPU with AMX")
 def test_bf16_gram_products_prune_as_well_as_fp32_ones():
     tokens = _tokens(n=16, seqlen=64)
     cfg = PruneConfig("sparsegpt", Pattern(0.5))
     exact, fast = build("llama"), build("llama")
-    r32 = compress_sequential(exact, tokens, Recipe(cfg, gram_precision="fp32"))
-    r16 = compress_sequential(fast, tokens, Recipe(cfg, gram_precision="bf16"))
+    r32 = compress_sequential(exact, tokens, Recipe(cfg, gram_precision="fp32", forward_precision="fp32"))
+    r16 = compress_sequential(fast, tokens, Recipe(cfg, gram_precision="bf16", forward_precision="fp32"))
     assert [r.sparsity for r in r16.layers] == [r.sparsity for r in r32.layers]
     assert [r.rel_error for r in r16.layers] == pytest.approx([r.rel_error for r in r32.layers], rel=0.02)
     changed = sum(not torch.equal(a.weight, b.weight) for a, b in zip(_target_linears(exact).values(),
                                                                         _target_linears(fast).values()))
     assert changed > 0  # the products did differ
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_bf16_forwards_prune_about_as_well_as_fp32_ones(bounded):
+    tokens = _tokens(n=16, seqlen=64)
+    cfg = PruneConfig("sparsegpt", Pattern(0.5))
+    exact, fast = build("llama"), build("llama")
+    r32 = compress_sequential(exact, tokens, Recipe(cfg, gram_precision="fp32", forward_precision="fp32"), bounded=bounded)
+    r16 = compress_sequential(fast, tokens, Recipe(cfg, gram_precision="fp32", forward_precision="bf16"), bounded=bounded)
+    assert [r.sparsity for r in r16.layers] == [r.sparsity for r in r32.layers]
+    assert [r.rel_error for r in r16.layers] == pytest.approx([r.rel_error for r in r32.layers], rel=0.05)
+    # block 0's first group reads the embeddings, the same either way; later groups read bf16 forwards' outputs
+    pairs = list(zip(_target_linears(exact).items(), _target_linears(fast).items()))
+    assert all(torch.equal(a.weight, b.weight) for (name, a), (_, b) in pairs if name.endswith(".0.self_attn.q_proj"))
+    assert sum(not torch.equal(a.weight, b.weight) for (_, a), (_, b) in pairs) >= len(pairs) - 3
+
+
+def test_bf16_forward_keeps_the_hidden_states_dtype_and_is_close():
+    model = build("llama")
+    block = models.decoder_blocks(model)[1][0]
+    inputs, _ = _capture(model, _tokens(n=4), torch.device("cpu"), None)
+    exact, fast = _forward(block, inputs[0], "fp32"), _forward(block, inputs[0], "bf16")
+    assert fast.dtype == exact.dtype == torch.float32
+    assert not torch.equal(fast, exact)
+    assert ((fast - exact).norm() / exact.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ The Gram matrix's products can be taken in bf16 (``products="bf16"``): inputs ro
 in fp32 by the CPU's matrix unit (AMX), 3-4x faster than fp32 products. That moves G by 1e-5 to 7e-4 of ‖G‖
 (Frobenius) on SmolLM2-135M's linear inputs, 60 to 10,000 times less than the calibration sample itself does
 (G over two halves of 128 x 512 tokens: 3-21% apart; ``benchmarks/gram_precision.py``), and not at all for a
-bf16 model, whose inputs are bf16 already. ``resolve_products("auto", device)`` picks bf16 where it is fast
+bf16 model, whose inputs are bf16 already. ``resolve_precision("auto", device)`` picks bf16 where it is fast
 (a CPU with AMX), fp32 elsewhere.
 """
 
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from compress.config import GRAM_PRECISIONS
+from compress.config import PRECISIONS
 
 
 class SquaredNorms:
@@ -70,13 +70,13 @@ class SquaredNorms:
         return None if self._first is None else self._first.sum(dim=0) / self.tokens
 
 
-def resolve_products(products: str, device: torch.device | str) -> str:
-    """``fp32`` or ``bf16`` for a ``GRAM_PRECISIONS`` choice: ``auto`` is bf16 on a CPU with AMX, fp32 elsewhere
-    (CUDA, or CPUs without a bf16 matrix unit, where bf16 products would be no faster)."""
-    if products not in GRAM_PRECISIONS:
-        raise ValueError(f"--gram-precision {products!r} is not one of {', '.join(GRAM_PRECISIONS)}")
-    if products != "auto":
-        return products
+def resolve_precision(choice: str, device: torch.device | str, option: str = "--gram-precision") -> str:
+    """``fp32`` or ``bf16`` for ``option``'s ``PRECISIONS`` choice: ``auto`` is bf16 on a CPU with AMX, fp32
+    elsewhere (CUDA, or CPUs without a bf16 matrix unit, where bf16 products would be no faster)."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"{option} {choice!r} is not one of {', '.join(PRECISIONS)}")
+    if choice != "auto":
+        return choice
     return "bf16" if torch.device(device).type == "cpu" and _cpu_has_amx() and _bf16_switch() is not None else "fp32"
 
 
