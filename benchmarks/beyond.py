@@ -1,4 +1,5 @@
-"""Issue 8 on SmolLM2-135M: OWL allocation and DSnoT refinement at 60% and 70%, and self-generated calibration.
+"""Issue 8 on SmolLM2-135M: OWL allocation and DSnoT (and exact-error swap) refinement at 60% and 70%, and
+self-generated calibration.
 
 Protocol of issue 2 (``quality.py``): calibration 128 x 512 tokens of WikiText-2 valid.txt (seed 0) unless the
 run calibrates on ``self``; perplexity on test.txt, windows of 1024 tokens, first 50 windows, fp32. Each prune
@@ -24,13 +25,16 @@ for s in ("0.6", "0.7"):
         f"wanda-dsnot-{s}": ["--method", "wanda", "--sparsity", s, "--refine", "dsnot"],
         f"sparsegpt-{s}": ["--method", "sparsegpt", "--sparsity", s],
         f"sparsegpt-dsnot-{s}": ["--method", "sparsegpt", "--sparsity", s, "--refine", "dsnot"],
+        f"sparsegpt-swap-{s}": ["--method", "sparsegpt", "--sparsity", s, "--refine", "swap"],
+        f"wanda-swap-{s}": ["--method", "wanda", "--sparsity", s, "--refine", "swap"],
     }
 RUNS |= {"wanda-0.5": ["--method", "wanda", "--sparsity", "0.5"],
          "wanda-0.5-self": ["--method", "wanda", "--sparsity", "0.5", "--calib", "self"]}
 
 # (better, baseline): the orderings issue 8 asks for
 CLAIMS = [(f"{better}-{s}", f"{base}-{s}") for s in ("0.6", "0.7")
-          for better, base in (("wanda-owl", "wanda"), ("wanda-dsnot", "wanda"), ("sparsegpt-dsnot", "sparsegpt"))]
+          for better, base in (("wanda-owl", "wanda"), ("wanda-dsnot", "wanda"), ("sparsegpt-dsnot", "sparsegpt"),
+                               ("sparsegpt-swap", "sparsegpt"), ("wanda-swap", "wanda"))]
 
 
 def main() -> None:

@@ -93,10 +93,13 @@ def prune(
                                             "list of one sparsity per block.")] = "uniform",
     owl_m: Annotated[float, typer.Option(help="OWL: a weight is an outlier above M x its block's mean Wanda score.")] = 5.0,
     owl_lambda: Annotated[float, typer.Option(help="OWL: block sparsities span --sparsity ± lambda.")] = 0.08,
-    refine: Annotated[Optional[str], typer.Option(help="dsnot: after pruning, training-free prune-and-grow swaps "
-                                                  "per row (Zhang et al. 2023), on every pruned linear, MLP and "
-                                                  "attention; counts per row and N:M group kept.")] = None,
-    refine_cycles: Annotated[int, typer.Option(help="DSnoT: at most this many swaps per row.")] = 50,
+    refine: Annotated[Optional[str], typer.Option(help="After pruning, training-free prune-and-grow swaps per row "
+                                                  "on every pruned linear, MLP and attention, counts per row and "
+                                                  "N:M group kept: dsnot (DSnoT's rule from channel means; Zhang "
+                                                  "et al. 2023) | swap (ranked on the exact calibration error, "
+                                                  "revived weights at their best value: for SparseGPT's updated "
+                                                  "weights).")] = None,
+    refine_cycles: Annotated[int, typer.Option(help="--refine: at most this many swaps per row.")] = 50,
     refine_var_power: Annotated[float, typer.Option(help="DSnoT: growing score |W·mean(x)| / var(x)^p.")] = 1.0,
     self_temperature: Annotated[float, typer.Option(help="--calib self: sampling temperature.")] = 1.0,
     self_top_p: Annotated[float, typer.Option(help="--calib self: nucleus sampling mass (1: off).")] = 0.95,

@@ -97,7 +97,7 @@ class CalibConfig:
 
 SCOPES = ("row", "matrix", "block")
 ALLOCATIONS = ("uniform", "owl")
-REFINEMENTS = ("dsnot",)
+REFINEMENTS = ("dsnot", "swap")
 PRECISIONS = ("auto", "fp32", "bf16")  # of calibration arithmetic: --gram-precision, --forward-precision
 
 
@@ -117,8 +117,9 @@ class PruneConfig:
         owl_m, owl_lambda: OWL's outlier threshold (times the block's mean Wanda score) and spread.
         block_sparsity: the sparsity of each decoder block once allocated (empty: uniform); its mean is
             ``pattern.sparsity``.
-        refine: ``dsnot`` to refine each pruned layer's mask (``compress.prune.dsnot``), or ``None``.
-        refine_cycles, refine_var_power: DSnoT's swaps per row at most, and its variance exponent.
+        refine: refine each pruned layer's mask by prune-and-grow swaps, ``dsnot`` (``compress.prune.dsnot``)
+            or ``swap`` (ranked on the exact error, ``compress.prune.swap``), or ``None``.
+        refine_cycles, refine_var_power: swaps per row at most, and DSnoT's variance exponent.
     """
 
     method: str

@@ -339,7 +339,7 @@ class _BlockCompressor:
         self.block_name = block_name
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
         self.precision = recipe.forward_precision
-        self.with_mean = bool(recipe.prune and recipe.prune.refine)  # DSnoT's expected error
+        self.with_mean = bool(recipe.prune and recipe.prune.refine == "dsnot")  # DSnoT's expected error
         self.hist_stride = hist_stride
         self.stats: dict[int, tuple] = {}  # group -> _new_stats(group)
         self.compressed: set[int] = set()

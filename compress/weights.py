@@ -6,7 +6,7 @@
   section 3.5), so the rounding error of kept weights is compensated too.
 - any other pruning + quantization: prune first, then quantize the kept weights (GPTQ with the mask fixed,
   or RTN); pruned weights stay exactly zero because zero is on every grid.
-- ``--refine dsnot`` refines the pruned matrix's mask right after pruning, before any quantization.
+- ``--refine dsnot|swap`` refines the pruned matrix's mask right after pruning, before any quantization.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.config import Recipe
-from compress.prune import InputStats, dsnot, get
+from compress.prune import InputStats, dsnot, get, swap
 from compress.quant import gptq
 from compress.quant.grid import QuantGrid
 
@@ -39,7 +39,7 @@ def needs_hessian(recipe: Recipe) -> bool:
 
 def needs_norms(recipe: Recipe) -> bool:
     """Whether the recipe's methods read the inputs' mean squares (Wanda's score, DSnoT's)."""
-    return bool(recipe.prune and (get(recipe.prune.method).uses_norms or recipe.prune.refine))
+    return bool(recipe.prune and (get(recipe.prune.method).uses_norms or recipe.prune.refine == "dsnot"))
 
 
 def _prune(W: torch.Tensor, stats: InputStats, recipe: Recipe) -> torch.Tensor:
@@ -50,6 +50,8 @@ def _prune(W: torch.Tensor, stats: InputStats, recipe: Recipe) -> torch.Tensor:
             raise ValueError("DSnoT needs the inputs' channel means: collect them (SquaredNorms(with_mean=True))")
         W_hat = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, prune.pattern, prune.refine_cycles,
                              prune.refine_var_power)
+    elif prune.refine == "swap":
+        W_hat = swap.refine(W, W_hat, stats.G, prune.pattern, prune.refine_cycles)
     return W_hat
 
 

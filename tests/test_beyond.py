@@ -12,7 +12,7 @@ from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.cli import app
 from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
 from compress.pipeline import compress_sequential, outlier_ratios
-from compress.prune import METHODS, InputStats, dsnot, owl, wanda
+from compress.prune import METHODS, InputStats, dsnot, owl, swap, wanda
 from tests.conftest import build, outlier_inputs
 
 runner = CliRunner()
@@ -73,6 +73,66 @@ def test_dsnot_moves_the_expected_error_towards_zero_and_stops_on_a_converged_ro
     assert float(e_after.mean()) < float(e_before.mean())
     again = dsnot.refine(W, refined, stats.G, stats.mean, stats.sq, Pattern(0.6), cycles=1)
     assert reconstruction_error(W, again, stats.G) <= reconstruction_error(W, refined, stats.G)
+
+
+def _swap_reference(W, W_hat, G, pattern, cycles):
+    """``swap.refine`` one row at a time, each candidate's error computed from scratch (no rank-one updates)."""
+    W, W_hat, G = W.double(), W_hat.double().clone(), G.double()
+    m = pattern.m if pattern.is_nm else W.shape[1]
+    err = lambda row: float((row - W[i]) @ G @ (row - W[i]))  # noqa: E731
+    for i in range(W.shape[0]):
+        for _ in range(cycles):
+            row, best = W_hat[i], None
+            g = (row - W[i]) @ G
+            for start in range(0, W.shape[1], m):
+                cols = range(start, start + m)
+                grow = [j for j in cols if row[j] == 0 and G[j, j] > 0]
+                keep = [k for k in cols if row[k] != 0]
+                if not grow or not keep:
+                    continue
+                j = max(grow, key=lambda c: float(g[c] ** 2 / G[c, c]))
+                k = min(keep, key=lambda c: float(row[c] ** 2 * G[c, c] - 2 * row[c] * g[c]))
+                cand = row.clone()
+                cand[k] = 0
+                cand[j] = -float(((cand - W[i]) @ G)[j]) / float(G[j, j])
+                if best is None or err(cand) < err(best):
+                    best = cand
+            if best is None or not err(best) < err(row) * (1 - 1e-6):
+                break
+            W_hat[i] = best
+    return W_hat.float()
+
+
+@pytest.mark.parametrize("method,pattern", [("sparsegpt", Pattern(0.6)), ("sparsegpt", Pattern(0.5, 2, 4)),
+                                            ("wanda", Pattern(0.7)), ("magnitude", Pattern(0.5, 4, 8))])
+def test_swap_equals_its_slow_reference_keeps_the_counts_and_lowers_the_error(method, pattern):
+    W, X, stats = _shifted_layer(n_out=12, n_in=32, seed=7)
+    W_hat = METHODS[method].apply(W, stats, PruneConfig(method, pattern, blocksize=16))
+    refined = swap.refine(W, W_hat, stats.G, pattern, cycles=20)
+    reference = _swap_reference(W, W_hat, stats.G, pattern, cycles=20)
+    assert torch.equal(refined == 0, reference == 0)  # the same swaps
+    torch.testing.assert_close(refined, reference, rtol=1e-5, atol=1e-6)
+
+    assert torch.equal((refined == 0).sum(1), (W_hat == 0).sum(1))  # zeros per row
+    if pattern.is_nm:
+        groups = (refined != 0).reshape(W.shape[0], -1, pattern.m).sum(-1)
+        assert (groups <= pattern.n).all() and torch.equal(groups, (W_hat != 0).reshape(groups.shape + (-1,)).sum(-1))
+    assert not torch.equal(refined == 0, W_hat == 0)  # swaps were taken
+    direct = lambda Wh: float(torch.linalg.norm((W - Wh) @ X.T))  # noqa: E731 - the error from the tokens themselves
+    assert direct(refined) < direct(W_hat)
+    rows = lambda Wh: ((W - Wh) @ X.T).norm(dim=1)  # noqa: E731
+    assert (rows(refined) <= rows(W_hat) * (1 + 1e-5)).all()  # no row got worse
+
+
+def test_swap_never_revives_a_dead_channel_and_stops_when_nothing_improves():
+    W, _, stats = _shifted_layer(n_out=8, n_in=32, seed=2)
+    G = stats.G.clone()
+    G[5, :], G[:, 5] = 0, 0  # channel 5 never fires
+    W_hat = METHODS["magnitude"].apply(W, InputStats(G, G.diagonal()), PruneConfig("magnitude", Pattern(0.5)))
+    W_hat[:, 5] = 0
+    refined = swap.refine(W, W_hat, G, Pattern(0.5), cycles=200)
+    assert (refined[:, 5] == 0).all()
+    assert torch.equal(swap.refine(W, refined, G, Pattern(0.5), cycles=200), refined)  # a fixed point
 
 
 def test_owl_allocation_keeps_the_mean_exactly_and_prunes_outlier_rich_blocks_less():
