@@ -43,36 +43,35 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, pattern: Patte
     inv_diag = torch.where(live, 1 / diag.clamp_min(1e-300), 0)
     g = (W_hat - dense) @ G  # (out, in)
     error = ((W_hat - dense) * g).sum(1)  # (out,) the rows' errors, times the token count
-    n = W.shape[1]
+    out, n = W.shape
     m = pattern.m if pattern.is_nm else n
+    offset = torch.arange(0, n, m, device=W.device)  # each group's first column
+    rows = torch.arange(out, device=W.device)
     active = ((W_hat == 0) & live).any(1) & (W_hat != 0).any(1)
+    # Every cycle works on all rows (a stopped row proposes but never takes): tensors of one shape per layer,
+    # which the pipeline's block cache reuses, where shrinking row subsets left a new size each cycle.
     for _ in range(cycles):
-        r = active.nonzero().squeeze(1)
-        if r.numel() == 0:
-            break
-        w, gr = W_hat[r], g[r]
-        pruned = w == 0
-        gain = torch.where(pruned & live, gr.square() * inv_diag, -torch.inf).view(len(r), -1, m)
-        cost = torch.where(pruned, torch.inf, w.square() * diag + -2 * w * gr).view(len(r), -1, m)
-        best_gain, j = gain.max(-1)  # (rows, groups)
+        pruned = W_hat == 0
+        gain = torch.where(pruned & live, g.square() * inv_diag, -torch.inf).view(out, -1, m)
+        cost = torch.where(pruned, torch.inf, W_hat.square() * diag - 2 * W_hat * g).view(out, -1, m)
+        best_gain, j = gain.max(-1)  # (out, groups)
         best_cost, k = cost.min(-1)
-        offset = torch.arange(0, n, m, device=W.device)
         j, k = j + offset, k + offset  # column indices
-        delta_k = -w.gather(1, k)
-        g_j = gr.gather(1, j) + delta_k * G[k, j]  # g_j once k is pruned
+        delta_k = -W_hat.gather(1, k)
+        g_j = g.gather(1, j) + delta_k * G[k, j]  # g_j once k is pruned
         change = best_cost - g_j.square() * inv_diag[j]
         change = torch.where(best_gain.isfinite() & best_cost.isfinite() & (g_j != 0), change, torch.inf)
         change, group = change.min(1)  # each row's best pair
-        take = change < -rtol * error[r].abs()
-        active[r[~take]] = False
+        take = active & (change < -rtol * error.abs())
+        active = take
         if not take.any():
             break
-        r, group, change = r[take], group[take].unsqueeze(1), change[take]
-        j, k = j[take].gather(1, group).squeeze(1), k[take].gather(1, group).squeeze(1)
-        delta_k = delta_k[take].gather(1, group).squeeze(1)
-        delta_j = -g_j[take].gather(1, group).squeeze(1) * inv_diag[j]
-        W_hat[r, k] = 0
-        W_hat[r, j] = delta_j
-        g[r] += delta_k.unsqueeze(1) * G[k] + delta_j.unsqueeze(1) * G[j]
-        error[r] += change
+        group = group.unsqueeze(1)
+        j, k = j.gather(1, group).squeeze(1), k.gather(1, group).squeeze(1)
+        delta_k = torch.where(take, delta_k.gather(1, group).squeeze(1), 0)
+        delta_j = torch.where(take, -g_j.gather(1, group).squeeze(1) * inv_diag[j], 0)
+        W_hat[rows, k] += delta_k  # to zero where taken
+        W_hat[rows, j] += delta_j  # from zero where taken
+        g += delta_k.unsqueeze(1) * G[k] + delta_j.unsqueeze(1) * G[j]
+        error += torch.where(take, change, 0)
     return W_hat.float()
