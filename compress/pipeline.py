@@ -338,7 +338,6 @@ class _BlockCompressor:
         self.recipe = recipe
         self.block_name = block_name
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
-        self.precision = recipe.forward_precision
         self.with_mean = bool(recipe.prune and recipe.prune.refine == "dsnot")  # DSnoT's expected error
         self.hist_stride = hist_stride
         self.stats: dict[int, tuple] = {}  # group -> _new_stats(group)
@@ -424,7 +423,7 @@ class _BlockCompressor:
             self._local.chunk = c
             try:
                 if not self._abort:
-                    outputs[c] = _forward(block, inputs[c], self.precision)
+                    outputs[c] = _forward(block, inputs[c], self.recipe.forward_precision)
             except _Stop:
                 pass
             except BaseException as err:  # noqa: BLE001 - handed to the main thread by _step
@@ -479,13 +478,13 @@ class _BlockCompressor:
                 self._stop_at = g
                 for inp in inputs:
                     try:
-                        _forward(block, inp, self.precision)
+                        _forward(block, inp, self.recipe.forward_precision)
                     except _Stop:
                         continue
                     raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
                 self._compress_group(g)
             self._stop_at = None
-            outputs = [_forward(block, inp, self.precision) for inp in inputs]
+            outputs = [_forward(block, inp, self.recipe.forward_precision) for inp in inputs]
             self._note_act_sparsity()
         finally:
             for h in handles:

@@ -41,8 +41,9 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, pattern: Patte
     diag = G.diagonal().clone()
     live = diag > 0  # a dead input channel: reviving its weight changes no output
     inv_diag = torch.where(live, 1 / diag.clamp_min(1e-300), 0)
-    g = (W_hat - dense) @ G  # (out, in)
-    error = ((W_hat - dense) * g).sum(1)  # (out,) the rows' errors, times the token count
+    delta = W_hat - dense
+    g = delta @ G  # (out, in)
+    error = (delta * g).sum(1)  # (out,) the rows' errors, times the token count
     out, n = W.shape
     m = pattern.m if pattern.is_nm else n
     offset = torch.arange(0, n, m, device=W.device)  # each group's first column
