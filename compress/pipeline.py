@@ -533,9 +533,10 @@ class _BlockCompressor:
 
 
 def _forward(block: nn.Module, inp: BlockInputs, precision: str = "fp32") -> torch.Tensor:
-    """``block``'s output hidden states for ``inp``, in its dtype; ``precision="bf16"``: under bf16 autocast
-    (entered here: autocast is per thread, and the chunks run in workers)."""
-    bf16 = precision == "bf16" and inp.hidden.dtype != torch.bfloat16
+    """``block``'s output hidden states for ``inp``, in its dtype; ``precision="bf16"``: an fp32 model's under
+    bf16 autocast (entered here: autocast is per thread, and the chunks run in workers). A bf16 or fp16 model
+    runs in its own dtype: autocast would only round an fp16 model's matmul inputs to fewer mantissa bits."""
+    bf16 = precision == "bf16" and inp.hidden.dtype == torch.float32
     with torch.inference_mode(), torch.autocast(inp.hidden.device.type, torch.bfloat16, enabled=bf16):
         out = block(inp.hidden, *inp.args, **inp.kwargs)
     out = out[0] if isinstance(out, (tuple, list)) else out

@@ -97,6 +97,13 @@ def test_bf16_forwards_prune_about_as_well_as_fp32_ones(bounded):
     assert sum(not torch.equal(a.weight, b.weight) for (_, a), (_, b) in pairs) >= len(pairs) - 3
 
 
+def test_bf16_forward_leaves_a_half_precision_model_in_its_dtype():
+    model = build("llama").half()
+    block = models.decoder_blocks(model)[1][0]
+    inputs, _ = _capture(model, _tokens(n=2), torch.device("cpu"), None)
+    assert torch.equal(_forward(block, inputs[0], "bf16"), _forward(block, inputs[0], "fp32"))
+
+
 def test_bf16_forward_keeps_the_hidden_states_dtype_and_is_close():
     model = build("llama")
     block = models.decoder_blocks(model)[1][0]
