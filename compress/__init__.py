@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
     """Load a model as compress would run it: a transformers causal LM (hub id, folder or .gguf) with the
-    folder's activation thresholds installed (inputs below them are zeroed before each targeted linear); a
+    folder's activation thresholds installed (inputs below them are zeroed before each targeted linear, with
+    the threshold of the token's position band); a
     ``--format packed`` folder's quantized linears are ``kernels.linear.PackedLinear`` modules.
 
     Returns:
@@ -39,5 +40,6 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
         with safe_open(str(path), framework="pt") as fh:
             table = {name: fh.get_tensor(name) for name in fh.keys()}
             gate_space = json.loads((fh.metadata() or {}).get("gate_space", "{}"))
-        model.compress_sparsifiers = install(model, table, prefill, gate_space)
+            edges = tuple(json.loads((fh.metadata() or {}).get("position_bands", "[]")))
+        model.compress_sparsifiers = install(model, table, prefill, gate_space, edges)
     return (model, tokenizer) if with_tokenizer else model

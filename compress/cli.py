@@ -80,6 +80,10 @@ def prune(
     act_sparsity_file: Annotated[Optional[Path], typer.Option(help="JSON {linear name: sparsity} overriding "
                                                               "--act-sparsity per layer.")] = None,
     act_prefill: Annotated[str, typer.Option(help="sparse (every token) | dense (only single-token decode steps).")] = "sparse",
+    act_positions: Annotated[str, typer.Option(help="Thresholds per position band, so the target holds at every "
+                                               "position and serving length: auto (bands from 0, 64, 256, ... "
+                                               "up to half of --seqlen) | off (one set per linear, as the papers) "
+                                               "| first positions of the bands after 0, e.g. 64,256.")] = "auto",
     fmt: Annotated[str, typer.Option("--format", help="Output: dense (plain transformers safetensors) | "
                                      "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed.")] = "dense",
     calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), a .txt / .jsonl path, "
@@ -166,7 +170,8 @@ def prune(
         if act_sparsity is not None or act_sparsity_file is not None:
             per_layer = _read_per_layer(act_sparsity_file) if act_sparsity_file else {}
             act_cfg = ActConfig(sparsity=act_sparsity if act_sparsity is not None else 0.5, method=act_method,
-                                targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill)
+                                targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill,
+                                positions=act_positions)
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
         calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -199,6 +204,8 @@ def prune(
             log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
             calib_cfg = replace(calib_cfg, seqlen=max_ctx)
             recipe = replace(recipe, calib=calib_cfg)
+        if act_cfg is not None:  # compression.json and the resume fingerprint name the bands
+            recipe = replace(recipe, act=act_cfg.resolved(calib_cfg.seqlen))
         if calib == selfgen.SOURCE:
             tokens, manifest = _self_calibration(model, dtype, lm, tokenizer, calib_cfg, dev)
         else:
@@ -210,10 +217,15 @@ def prune(
         plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
         fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
         export.check_resume(out, resume, fingerprint)
-        if act_cfg is not None:
-            log.info("activation thresholds are calibrated on %d-token windows: serve at that length or calibrate "
-                     "at the length you serve (attention outputs shrink with context; on SmolLM2-135M, thresholds "
-                     "from 512-token windows zeroed up to 5 points more of o_proj's inputs at 1024)", calib_cfg.seqlen)
+        if recipe.act is not None:
+            edges = recipe.act.edges(calib_cfg.seqlen)
+            if edges:
+                log.info("activation thresholds per position band, bands from positions 0, %s (the last also serves "
+                         "positions past the %d-token calibration windows)", ", ".join(map(str, edges)), calib_cfg.seqlen)
+            else:
+                log.info("one activation threshold set per linear, calibrated on %d-token windows: the sparsity "
+                         "achieved depends on the serving length (attention outputs grow over the first hundreds "
+                         "of positions; --act-positions auto follows them)", calib_cfg.seqlen)
     except ValueError as err:
         _fail(str(err))
     log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
@@ -249,7 +261,8 @@ def prune(
                                                 sparse24=recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)),
                 "report": report.to_dict(),
             }
-            output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space)
+            output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space,
+                          act_edges=report.act_edges)
     except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
         _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
     except SafetensorError as err:  # the same failures met inside safetensors' writer (e.g. os error 28)

@@ -235,6 +235,9 @@ class ActConfig:
         per_layer: full linear name -> its own target sparsity (overrides ``sparsity``).
         prefill: ``sparse`` (every token, as in perplexity protocols) or ``dense`` (only single-token
             decode steps are sparsified).
+        positions: position bands with their own thresholds (``activations.positions``): ``auto``, ``off``
+            (one threshold set per linear, as the papers) or edges like ``64,256``; ``resolved`` fixes them
+            for a calibration length.
     """
 
     sparsity: float
@@ -242,6 +245,7 @@ class ActConfig:
     targets: tuple[str, ...] = ()
     per_layer: dict = field(default_factory=dict)
     prefill: str = "sparse"
+    positions: str = "auto"
 
     def __post_init__(self):
         for name, s in [("--act-sparsity", self.sparsity), *self.per_layer.items()]:
@@ -251,11 +255,22 @@ class ActConfig:
             raise ValueError(f"--act-method {self.method!r} is not one of {', '.join(ACT_METHODS)}")
         if self.prefill not in ("sparse", "dense"):
             raise ValueError(f"--act-prefill {self.prefill!r} is not sparse or dense")
+        self.edges(1 << 62)  # a malformed --act-positions fails here, before the model loads
         for expr in self.targets:
             try:
                 re.compile(expr)
             except re.error as err:
                 raise ValueError(f"--act-targets {expr!r} is not a regular expression ({err})") from err
+
+    def edges(self, seqlen: int) -> tuple[int, ...]:
+        """The position bands' edges for ``seqlen``-token calibration windows (ValueError naming the fix)."""
+        from compress.activations.positions import band_edges
+
+        return band_edges(self.positions, seqlen)
+
+    def resolved(self, seqlen: int) -> "ActConfig":
+        """This config with its position bands written out for ``seqlen``-token calibration windows."""
+        return replace(self, positions=",".join(map(str, self.edges(seqlen))) or "off")
 
     def target_for(self, name: str) -> float | None:
         """The target sparsity of linear ``name``, or ``None`` if it is not targeted."""
@@ -348,7 +363,8 @@ class Recipe:
         act = data.get("act")
         if act is not None:
             _check_keys(ActConfig, act, "recipe.act")
-            act = ActConfig(**{**act, "targets": tuple(act.get("targets", ()))})
+            # recipes from before position bands had one threshold set per linear
+            act = ActConfig(**{"positions": "off", **act, "targets": tuple(act.get("targets", ()))})
         return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act,
                    quant_lm_head=bool(data.get("quant_lm_head", False)),
                    # what recipes did before the choices existed

@@ -109,7 +109,8 @@ def versions() -> dict:
     return found
 
 
-def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None, gate_space: dict | None = None) -> None:
+def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None, gate_space: dict | None = None,
+                  act_edges: tuple[int, ...] = ()) -> None:
     from safetensors.torch import save_file
 
     from compress.activations.thresholds import THRESHOLDS_FILE
@@ -118,7 +119,7 @@ def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | N
         tokenizer.save_pretrained(tmp)
     if act_thresholds:
         save_file({name: t.contiguous().float() for name, t in act_thresholds.items()}, str(tmp / THRESHOLDS_FILE),
-                  metadata={"gate_space": json.dumps(gate_space or {})})
+                  metadata={"gate_space": json.dumps(gate_space or {}), "position_bands": json.dumps(list(act_edges))})
     (tmp / METADATA).write_text(json.dumps({**metadata, "versions": versions()}, indent=2) + "\n")
 
 
@@ -406,7 +407,7 @@ class StreamedOutput:
             self._save(block_state)
 
     def finish(self, model, tokenizer, metadata: dict, act_thresholds: dict | None = None,
-               gate_space: dict | None = None) -> None:
+               gate_space: dict | None = None, act_edges: tuple[int, ...] = ()) -> None:
         from compress.checkpoint import materialize
 
         if self.checkpoint is not None:  # as stored, in the dtype the model was opened with
@@ -432,7 +433,7 @@ class StreamedOutput:
             path.write_text(json.dumps(config, indent=2) + "\n")
         if self.fmt == "packed":
             metadata = {**metadata, "packed": self.packed_layers}
-        _write_extras(self.folder, tokenizer, metadata, act_thresholds, gate_space)
+        _write_extras(self.folder, tokenizer, metadata, act_thresholds, gate_space, act_edges)
 
 
 def read_metadata(folder: Path) -> dict | None:

@@ -36,6 +36,7 @@ from torch import nn
 
 from compress import models
 from compress.activations.histogram import AbsHistogram
+from compress.activations.positions import band_slices
 from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error, resolve_precision
@@ -91,7 +92,9 @@ class Report:
     seconds: float = 0.0
     blocks: list[BlockReport] = field(default_factory=list)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)  # by full linear name
-    act_thresholds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # (in,) by full linear name
+    # by full linear name: (in,), or (bands, in) with position bands starting at act_edges
+    act_thresholds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    act_edges: tuple[int, ...] = ()
     gate_space: dict[str, str] = field(default_factory=dict)  # CHESS: down projection -> its up projection
 
     @property
@@ -331,7 +334,7 @@ class _BlockCompressor:
     """Compresses one block's linear groups in execution order during one chunked forward (module docstring)."""
 
     def __init__(self, block: nn.Module, groups: list[list[str]], recipe: Recipe, block_name: str, gram_stride: int,
-                 hist_stride: int = 1):
+                 hist_stride: int = 1, act_edges: tuple[int, ...] = ()):
         self.modules = models.linears(block)
         self.groups = groups
         self.group_of = {name: g for g, names in enumerate(groups) for name in names}
@@ -340,6 +343,7 @@ class _BlockCompressor:
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
         self.with_mean = bool(recipe.prune and recipe.prune.refine == "dsnot")  # DSnoT's expected error
         self.hist_stride = hist_stride
+        self.act_edges = act_edges  # position bands of the activation thresholds
         self.stats: dict[int, tuple] = {}  # group -> _new_stats(group)
         self.compressed: set[int] = set()
         self.reports: list[LayerReport] = []
@@ -366,13 +370,14 @@ class _BlockCompressor:
             x = args[0]
             if g not in self.stats:
                 self.stats[g] = self._new_stats(g, x.shape[-1])
-            gram, norms, hist = self.stats[g]
+            gram, norms, hists = self.stats[g]
             gram.update(x)
             if norms is not None:
                 norms.update(x)
-            if hist is not None:  # activation histogram: of the gate activations for CHESS's gated MLPs
+            if hists is not None:  # activation histograms per position band: of the gate activations for CHESS's gated MLPs
                 a = gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x
-                hist.update(a.reshape(-1, a.shape[-1])[:: self.hist_stride])
+                for hist, band in zip(hists, band_slices(self.act_edges, a.shape[-2])):
+                    hist.update(a[..., band, :].reshape(-1, a.shape[-1])[:: self.hist_stride])
             if self._stop_at is None:
                 self._park(g)
             elif g == self._stop_at:
@@ -382,7 +387,7 @@ class _BlockCompressor:
         sparsifier = self.sparsifiers.get(name)
         return sparsifier(module, args) if sparsifier else None
 
-    def _new_stats(self, g: int, in_features: int) -> tuple[Gram, SquaredNorms | None, AbsHistogram | None]:
+    def _new_stats(self, g: int, in_features: int) -> tuple[Gram, SquaredNorms | None, list[AbsHistogram] | None]:
         """Accumulators for group ``g``'s input. Mean squares only for methods that read them, and not when
         the Gram matrix holds them exactly on its diagonal (fp32 products of every token): apart, they cost
         ~5% of a SparseGPT run."""
@@ -391,7 +396,7 @@ class _BlockCompressor:
         targeted = any(self.act_targets.get(n) for n in self.groups[g])
         return (Gram(in_features, stride=self.gram_stride, products=self.recipe.gram_precision),
                 SquaredNorms(in_features, self.with_mean) if separate_norms else None,
-                AbsHistogram(in_features) if targeted else None)
+                [AbsHistogram(in_features) for _ in range(len(self.act_edges) + 1)] if targeted else None)
 
     def _park(self, g: int) -> None:
         c = self._local.chunk
@@ -494,7 +499,7 @@ class _BlockCompressor:
     @torch.no_grad()
     def _compress_group(self, g: int) -> None:
         allocator.trim()  # blocks cached by the forward: compressing allocates other shapes, the next stretch too
-        gram, norms, hist = self.stats.pop(g)
+        gram, norms, hists = self.stats.pop(g)
         stats = InputStats(gram.finalize(), *((norms.finalize(), norms.mean()) if norms else ()))
         for name in self.groups[g]:
             start = time.perf_counter()
@@ -521,9 +526,11 @@ class _BlockCompressor:
             ))
             if self.act_targets.get(name):
                 up_name, up = self.up_outputs.get(name, (None, None))
-                t = thresholds(hist, self.recipe.act.method, self.act_targets[name], W_hat,
-                               models.is_attention(self.block, name), up.mean_abs if up else None)
-                self.sparsifiers[name] = Sparsifier(t, up=up)
+                t = torch.stack([thresholds(hist, self.recipe.act.method, self.act_targets[name], W_hat,
+                                            models.is_attention(self.block, name), up.mean_abs if up else None)
+                                 for hist in hists])
+                t = t[0] if len(t) == 1 else t
+                self.sparsifiers[name] = Sparsifier(t, self.act_edges, up=up)
                 self.act_thresholds[full] = t
                 if up is not None:
                     up.collecting = False
@@ -634,13 +641,15 @@ def compress_sequential(
     check(model, recipe)
     device = torch.device(device)
     recipe = replace(recipe, gram_precision=resolve_precision(recipe.gram_precision, device),
-                     forward_precision=resolve_precision(recipe.forward_precision, device, "--forward-precision"))
+                     forward_precision=resolve_precision(recipe.forward_precision, device, "--forward-precision"),
+                     act=recipe.act.resolved(tokens.shape[1]) if recipe.act else None)
+    act_edges = recipe.act.edges(tokens.shape[1]) if recipe.act else ()
     start = time.perf_counter()
     prefix, blocks = models.decoder_blocks(model)
     gram_stride = max(1, tokens.numel() // error_tokens)
     hist_stride = max(1, tokens.numel() // histogram_tokens)
     inputs, probe = _capture(model, tokens, device, chunk_samples)
-    report = Report(recipe=str(recipe))
+    report = Report(recipe=str(recipe), act_edges=act_edges)
     first = 0
     if io is not None:
         io.started(model)
@@ -667,7 +676,7 @@ def compress_sequential(
         block_name = f"{prefix}.{i}"
         targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
         groups = probe_groups(block, probe, targets)
-        compressor = _BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride)
+        compressor = _BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride, act_edges)
         outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")

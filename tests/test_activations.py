@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 import compress
 from compress.activations.histogram import AbsHistogram
-from compress.activations.thresholds import Sparsifier, thresholds
+from compress.activations.positions import TokenPositions, band_edges, band_slices
+from compress.activations.thresholds import Sparsifier, install, thresholds
 from compress.cli import app
 from compress.config import ActConfig, Pattern, PruneConfig, Recipe
 from compress.pipeline import compress_sequential
@@ -140,6 +141,8 @@ def test_dense_prefill_leaves_teacher_forced_perplexity_unchanged(saved_model, c
     (["--act-sparsity", "0.5", "--act-method", "cats"], "--act-method 'cats' is not one of teal, chess, wina"),
     (["--act-sparsity", "0.5", "--act-targets", "nothing_like_this"], "matches no linear"),
     (["--act-sparsity", "0.5", "--act-prefill", "lazy"], "--act-prefill 'lazy'"),
+    (["--act-sparsity", "0.5", "--act-positions", "16,8"], "--act-positions '16,8' must be increasing"),
+    (["--act-sparsity", "0.5", "--act-positions", "8,32"], "past the 32-token calibration windows"),
 ])
 def test_bad_activation_input_is_one_line_exit_2(extra, message, saved_model, calib_txt, tmp_path):
     result = _prune(saved_model("llama"), tmp_path / "o", calib_txt, *extra)
@@ -170,3 +173,105 @@ def test_chess_thresholds_gate_activations_of_gated_mlps_by_mean_up(saved_model,
 def test_histograms_on_a_token_subsample_still_hit_the_target():
     report = compress_sequential(build("llama"), _tokens(n=16), Recipe(act=ActConfig(0.4, "teal")), histogram_tokens=128)
     assert all(layer.act_sparsity == pytest.approx(0.4, abs=0.04) for layer in report.layers)
+
+
+def test_position_band_edges():
+    assert band_edges("auto", 512) == (64, 256)
+    assert band_edges("auto", 2048) == (64, 256, 1024)
+    assert band_edges("auto", 100) == ()  # too short for a band of its own past 64
+    assert band_edges("off", 4096) == ()
+    assert band_edges("16, 48", 64) == (16, 48)
+    for bad in ("48,16", "0,16", "sixteen"):
+        with pytest.raises(ValueError, match="--act-positions"):
+            band_edges(bad, 64)
+    with pytest.raises(ValueError, match="past the 64-token calibration windows"):
+        band_edges("16,64", 64)
+    assert ActConfig(0.5).resolved(512).positions == "64,256"
+    assert ActConfig(0.5).resolved(64).positions == "off"
+
+
+def _growing_inputs(n=64, length=96, channels=32, seed=0):
+    """Inputs whose magnitude grows with position and settles from position 32 on (as attention outputs)."""
+    x = torch.randn(n, length, channels, generator=torch.Generator().manual_seed(seed))
+    return x * torch.cat([torch.linspace(0.1, 1.0, 32), torch.ones(length - 32)])[:, None]
+
+
+def test_position_bands_hold_the_target_at_every_position_and_past_the_calibration_length():
+    calib, longer = _growing_inputs()[:, :64], _growing_inputs(seed=1)  # calibrated on 64 positions, served on 96
+    edges = (16, 32)
+    hists = [AbsHistogram(calib.shape[-1]) for _ in range(len(edges) + 1)]
+    for hist, band in zip(hists, band_slices(edges, calib.shape[1])):
+        hist.update(calib[:, band])
+    W = torch.randn(8, calib.shape[-1])
+    banded = Sparsifier(torch.stack([thresholds(h, "teal", 0.5, W, False) for h in hists]), edges)
+    single = AbsHistogram(calib.shape[-1])
+    single.update(calib)
+    static = Sparsifier(thresholds(single, "teal", 0.5, W, False))
+    (sparse,) = banded(None, (longer,))
+    (sparse_static,) = static(None, (longer,))
+    zeroed = (sparse == 0).float().mean((0, 2))  # per position
+    assert all(float(zeroed[a:b].mean()) == pytest.approx(0.5, abs=0.02) for a, b in ((0, 16), (16, 32), (64, 96)))
+    assert float((sparse == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+    # one threshold for all positions: most of the small early inputs fall under it, too few of the later ones
+    late = float((sparse_static == 0).float()[:, 32:].mean())
+    assert late < 0.45 and float((sparse_static == 0).float()[:, :16].mean()) > 0.8
+
+
+@pytest.mark.parametrize("positions", ["4,12", "off"])
+def test_decode_with_a_kv_cache_uses_each_tokens_band(positions):
+    """Token by token with a cache, or through generate, a model with banded thresholds computes what one
+    forward over the whole sequence computes: each decode step reads its own position's band."""
+    model = build("llama")
+    report = compress_sequential(model, _tokens(length=24), Recipe(act=ActConfig(0.5, "teal", positions=positions)))
+    assert report.act_edges == ((4, 12) if positions != "off" else ())
+    assert all(t.dim() == (2 if report.act_edges else 1) for t in report.act_thresholds.values())
+    install(model, report.act_thresholds, edges=report.act_edges)
+    ids = _tokens(n=1, length=20, seed=3)
+    with torch.no_grad():
+        full = model(ids).logits[0]
+        out = model(ids[:, :6], use_cache=True)
+        steps = [out.logits[0, -1]]
+        for i in range(6, 20):
+            out = model(ids[:, i : i + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[0, -1])
+        torch.testing.assert_close(torch.stack(steps), full[5:], rtol=1e-4, atol=1e-4)
+        greedy = model.generate(ids[:, :6], max_new_tokens=10, do_sample=False, min_new_tokens=10)
+        reference = ids[:, :6]
+        for _ in range(10):  # greedy from full forwards, no cache
+            reference = torch.cat([reference, model(reference).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(greedy, reference)
+    if positions != "off":  # the bands matter here: thresholds of band 0 everywhere give other logits
+        band0 = {n: t[0] for n, t in report.act_thresholds.items()}
+        plain = build("llama")
+        install(plain, band0)
+        with torch.no_grad():
+            assert not torch.allclose(plain(ids).logits[0], full, rtol=1e-3, atol=1e-3)
+
+
+def test_token_positions_follow_the_shape_the_linear_sees():
+    tracker = TokenPositions()
+    model = build("llama")
+    tracker.attach(model)
+    seen = []
+    model.get_submodule("model.layers.0.mlp.down_proj").register_forward_pre_hook(lambda m, a: seen.append(tracker.of(a[0])))
+    with torch.no_grad():
+        out = model(_tokens(n=2, length=5), use_cache=True)
+        model(_tokens(n=2, length=1), past_key_values=out.past_key_values, use_cache=True)
+        model(_tokens(n=2, length=3), position_ids=torch.tensor([[0, 1, 2], [7, 8, 9]]))
+    assert [p.tolist() for p in seen] == [[0, 1, 2, 3, 4], [5], [[0, 1, 2], [7, 8, 9]]]
+    assert tracker.of(torch.zeros(6, 4)).tolist() == list(range(6))  # outside a model forward: 0..T-1
+
+
+def test_cli_records_position_bands_and_load_installs_them(saved_model, calib_txt, tmp_path):
+    out = tmp_path / "banded"
+    result = _prune(saved_model("llama"), out, calib_txt, "--act-sparsity", "0.5", "--act-positions", "8,16")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "compression.json").read_text())
+    assert meta["recipe"]["act"]["positions"] == "8,16"
+    model = compress.load(str(out))
+    assert all(h.edges.tolist() == [8, 16] and h.t.shape[0] == 3 for h in model.compress_sparsifiers.values())
+    achieved = _eval(out, calib_txt, tmp_path / "e.json")["activation_sparsity"].values()
+    assert sum(achieved) / len(achieved) == pytest.approx(0.5, abs=0.05)
+    default = tmp_path / "default"  # 32-token windows: too short for auto's first band at 64
+    assert _prune(saved_model("llama"), default, calib_txt, "--act-sparsity", "0.5").exit_code == 0
+    assert json.loads((default / "compression.json").read_text())["recipe"]["act"]["positions"] == "off"

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from compress.activations.histogram import AbsHistogram
+from compress.activations.positions import TokenPositions, band_of
 
 THRESHOLDS_FILE = "activation_thresholds.safetensors"
 
@@ -73,14 +74,22 @@ class Sparsifier:
     """Forward pre-hook: zero input channels below their thresholds; count what it zeroed.
 
     Args:
-        t: ``(in,)`` thresholds.
+        t: ``(in,)`` thresholds, or ``(bands, in)``: one row per position band (``positions``).
+        edges: the bands' first positions after band 0 (``len(edges) == bands - 1``).
+        positions: where each token sits (``TokenPositions``); without it, the ``T`` tokens of an input are
+            at positions ``0..T-1``.
         dense_prefill: leave multi-token forwards (prefill) dense, sparsify single-token decode steps only.
         up: for CHESS on a gated MLP's down projection, its up projection's output hook: ``t`` then applies
             to the gate activation ``x / up`` (``|x| >= t·|up|``).
     """
 
-    def __init__(self, t: torch.Tensor, dense_prefill: bool = False, up: UpOutput | None = None):
-        self.t = t
+    def __init__(self, t: torch.Tensor, edges: tuple[int, ...] = (), positions: TokenPositions | None = None,
+                 dense_prefill: bool = False, up: UpOutput | None = None):
+        self.t = t if t.dim() == 2 else t[None]
+        if self.t.shape[0] != len(edges) + 1:
+            raise ValueError(f"{self.t.shape[0]} threshold rows for {len(edges) + 1} position bands")
+        self.edges = torch.tensor(edges, dtype=torch.long)
+        self.positions = positions or TokenPositions()
         self.dense_prefill = dense_prefill
         self.up = up
         self.zeros = 0
@@ -94,7 +103,9 @@ class Sparsifier:
             return None
         if self.t.device != x.device or self.t.dtype != x.dtype:
             self.t = self.t.to(device=x.device, dtype=x.dtype)
-        bound = self.t if self.up is None else self.t * self.up.value.abs()
+        bound = self.t[0] if len(self.edges) == 0 else self.t[band_of(self.edges.to(x.device), self.positions.of(x))]
+        if self.up is not None:
+            bound = bound * self.up.value.abs()
         x = x * (x.abs() >= bound)
         self.zeros += int((x == 0).sum())
         self.total += x.numel()
@@ -107,18 +118,22 @@ class Sparsifier:
 
 
 def install(model: nn.Module, table: dict[str, torch.Tensor], prefill: str = "sparse",
-            gate_space: dict[str, str] | None = None) -> dict[str, Sparsifier]:
+            gate_space: dict[str, str] | None = None, edges: tuple[int, ...] = ()) -> dict[str, Sparsifier]:
     """Attach a ``Sparsifier`` to every linear named in ``table``; returns them by name (for their counts).
 
     Args:
+        table: linear name -> ``(in,)`` thresholds, or ``(bands, in)`` for the position bands ``edges``.
         gate_space: down projection name -> its up projection's, for thresholds on gate activations (CHESS).
     """
+    positions = TokenPositions()
+    if edges:
+        positions.attach(model)
     hooks = {}
     for name, t in table.items():
         up = None
         if gate_space and name in gate_space:
             up = UpOutput()
             model.get_submodule(gate_space[name]).register_forward_hook(up)
-        hooks[name] = Sparsifier(t, dense_prefill=prefill == "dense", up=up)
+        hooks[name] = Sparsifier(t, edges, positions, dense_prefill=prefill == "dense", up=up)
         model.get_submodule(name).register_forward_pre_hook(hooks[name])
     return hooks
