@@ -21,6 +21,11 @@ RUNS = {f"{method}-50": ["--act-sparsity", "0.5", "--act-method", method] for me
 RUNS["wanda50+wina-40"] = ["--method", "wanda", "--sparsity", "0.5", "--act-sparsity", "0.4", "--act-method", "wina"]
 RUNS.update({f"{method}-{int(s * 100)}": ["--act-sparsity", str(s), "--act-method", method]
              for s in (0.4, 0.25) for method in ("teal", "wina", "chess")})
+# the WINA <= TEAL ordering at 50%: with the papers' single threshold set per linear, and on another calibration sample
+RUNS.update({f"{method}-50-positions-off": ["--act-sparsity", "0.5", "--act-method", method, "--act-positions", "off"]
+             for method in ("teal", "wina")})
+RUNS.update({f"{method}-50-seed1": ["--act-sparsity", "0.5", "--act-method", method, "--seed", "1"]
+             for method in ("teal", "wina")})
 
 
 def evaluate(folder: Path, data: Path, seqlen: int, limit: int) -> dict:
