@@ -498,10 +498,12 @@ def evaluate(
             typer.echo(f"{task}: {shown}")
     act = {name: hook.sparsity for name, hook in sparsifiers.items()}
     if act:
-        prefill = next(iter(sparsifiers.values())).dense_prefill
-        typer.echo(f"activation sparsity on the evaluated text ({'decode steps only, prefill dense' if prefill else 'every token'}): "
-                   f"mean {sum(act.values()) / len(act):.4f}, min {min(act.values()):.4f}, max {max(act.values()):.4f} "
-                   f"over {len(act)} linears")
+        first = next(iter(sparsifiers.values()))
+        edges = first.edges.tolist()
+        bands = f"thresholds per position band from 0, {', '.join(map(str, edges))}" if edges else "one threshold set per linear"
+        typer.echo(f"activation sparsity on the evaluated text ({'decode steps only, prefill dense' if first.dense_prefill else 'every token'}; "
+                   f"{bands}): mean {sum(act.values()) / len(act):.4f}, min {min(act.values()):.4f}, "
+                   f"max {max(act.values()):.4f} over {len(act)} linears")
     if json_out:
         out.update(compression=export.read_metadata(Path(model)) if Path(model).is_dir() else None,
                    activation_sparsity=act or None, load_seconds=load_seconds, versions=export.versions())

@@ -272,6 +272,8 @@ def test_cli_records_position_bands_and_load_installs_them(saved_model, calib_tx
     assert all(h.edges.tolist() == [8, 16] and h.t.shape[0] == 3 for h in model.compress_sparsifiers.values())
     achieved = _eval(out, calib_txt, tmp_path / "e.json")["activation_sparsity"].values()
     assert sum(achieved) / len(achieved) == pytest.approx(0.5, abs=0.05)
+    shown = runner.invoke(app, ["eval", str(out), "--ppl", str(calib_txt), "--seqlen", "32", "--limit", "1"]).output
+    assert "every token; thresholds per position band from 0, 8, 16)" in shown, shown
     default = tmp_path / "default"  # 32-token windows: too short for auto's first band at 64
     assert _prune(saved_model("llama"), default, calib_txt, "--act-sparsity", "0.5").exit_code == 0
     assert json.loads((default / "compression.json").read_text())["recipe"]["act"]["positions"] == "off"
