@@ -374,7 +374,7 @@ class _BlockCompressor:
             gram.update(x)
             if norms is not None:
                 norms.update(x)
-            if hists is not None:  # activation histograms per position band: of the gate activations for CHESS's gated MLPs
+            if hists is not None:  # |x| histograms per position band (of the gate activations for CHESS's gated MLPs)
                 a = gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x
                 for hist, band in zip(hists, band_slices(self.act_edges, a.shape[-2])):
                     hist.update(a[..., band, :].reshape(-1, a.shape[-1])[:: self.hist_stride])
