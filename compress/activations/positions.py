@@ -81,9 +81,9 @@ class TokenPositions:
         elif kwargs.get("cache_position") is not None:
             self._local.positions = kwargs["cache_position"]
         elif length is not None:
-            past = kwargs.get("past_key_values")
-            start = _cache_length(past)
-            self._local.positions = torch.arange(start, start + length)
+            start = _cache_length(kwargs.get("past_key_values"))
+            device = (ids if ids is not None else embeds).device  # where the linears will read them
+            self._local.positions = torch.arange(start, start + length, device=device)
         else:
             self._local.positions = None
 

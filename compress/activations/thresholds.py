@@ -101,9 +101,10 @@ class Sparsifier:
             self.zeros += int((x == 0).sum())
             self.total += x.numel()
             return None
-        if self.t.device != x.device or self.t.dtype != x.dtype:
+        if self.t.device != x.device or self.t.dtype != x.dtype:  # once: then every call finds them there
             self.t = self.t.to(device=x.device, dtype=x.dtype)
-        bound = self.t[0] if len(self.edges) == 0 else self.t[band_of(self.edges.to(x.device), self.positions.of(x))]
+            self.edges = self.edges.to(x.device)
+        bound = self.t[0] if len(self.edges) == 0 else self.t[band_of(self.edges, self.positions.of(x))]
         if self.up is not None:
             bound = bound * self.up.value.abs()
         x = x * (x.abs() >= bound)
