@@ -8,7 +8,7 @@ same dtype. Also the weight bytes each reads, the GB/s that makes, and the machi
 bandwidth measured the same way. All variants of one shape run interleaved, round-robin, so a slower period of
 a shared machine hits them alike.
 
-    python benchmarks/kernels.py --json kernels.json
+    python benchmarks/gemv.py --json kernels.json
 """
 
 from __future__ import annotations
