@@ -26,6 +26,11 @@ RUNS.update({f"{method}-50-positions-off": ["--act-sparsity", "0.5", "--act-meth
              for method in ("teal", "wina")})
 RUNS.update({f"{method}-50-seed1": ["--act-sparsity", "0.5", "--act-method", method, "--seed", "1"]
              for method in ("teal", "wina")})
+# absolute thresholds (the papers'), with and without position bands, against the default token-relative ones
+RUNS.update({f"{method}-{int(s * 100)}-scale-none": ["--act-sparsity", str(s), "--act-method", method, "--act-scale", "none"]
+             for s in (0.5, 0.4) for method in ("teal", "wina")})
+RUNS.update({f"{method}-50-scale-none-positions-off": ["--act-sparsity", "0.5", "--act-method", method, "--act-scale", "none",
+                                                       "--act-positions", "off"] for method in ("teal", "wina")})
 
 
 def evaluate(folder: Path, data: Path, seqlen: int, limit: int) -> dict:

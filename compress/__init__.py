@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
     """Load a model as compress would run it: a transformers causal LM (hub id, folder or .gguf) with the
     folder's activation thresholds installed (inputs below them are zeroed before each targeted linear, with
-    the threshold of the token's position band); a
+    the threshold of the token's position band, relative to the token's input RMS if the recipe says so); a
     ``--format packed`` folder's quantized linears are ``kernels.linear.PackedLinear`` modules.
 
     Returns:
@@ -36,10 +36,11 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
         from compress.export import METADATA
 
         meta = json.loads((Path(spec) / METADATA).read_text()) if (Path(spec) / METADATA).is_file() else {}
-        prefill = ((meta.get("recipe") or {}).get("act") or {}).get("prefill", "sparse")
+        act = (meta.get("recipe") or {}).get("act") or {}
+        prefill, token_scale = act.get("prefill", "sparse"), act.get("scale", "none") == "token"
         with safe_open(str(path), framework="pt") as fh:
             table = {name: fh.get_tensor(name) for name in fh.keys()}
             gate_space = json.loads((fh.metadata() or {}).get("gate_space", "{}"))
             edges = tuple(json.loads((fh.metadata() or {}).get("position_bands", "[]")))
-        model.compress_sparsifiers = install(model, table, prefill, gate_space, edges)
+        model.compress_sparsifiers = install(model, table, prefill, gate_space, edges, token_scale)
     return (model, tokenizer) if with_tokenizer else model

@@ -84,6 +84,9 @@ def prune(
                                                "position and serving length: auto (bands from 0, 64, 256, ... "
                                                "up to half of --seqlen) | off (one set per linear, as the papers) "
                                                "| first positions of the bands after 0, e.g. 64,256.")] = "auto",
+    act_scale: Annotated[str, typer.Option(help="token (thresholds relative to each token's input RMS, so inputs "
+                                           "whose scale drifts with position or context keep the target) | none "
+                                           "(absolute thresholds, as the papers).")] = "token",
     fmt: Annotated[str, typer.Option("--format", help="Output: dense (plain transformers safetensors) | "
                                      "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed.")] = "dense",
     calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), a .txt / .jsonl path, "
@@ -171,7 +174,7 @@ def prune(
             per_layer = _read_per_layer(act_sparsity_file) if act_sparsity_file else {}
             act_cfg = ActConfig(sparsity=act_sparsity if act_sparsity is not None else 0.5, method=act_method,
                                 targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill,
-                                positions=act_positions)
+                                positions=act_positions, scale=act_scale)
         if chunk_samples < 0:
             raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
         calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -501,6 +504,7 @@ def evaluate(
         first = next(iter(sparsifiers.values()))
         edges = first.edges.tolist()
         bands = f"thresholds per position band from 0, {', '.join(map(str, edges))}" if edges else "one threshold set per linear"
+        bands += ", relative to each token's input RMS" if first.token_scale else ", absolute"
         typer.echo(f"activation sparsity on the evaluated text ({'decode steps only, prefill dense' if first.dense_prefill else 'every token'}; "
                    f"{bands}): mean {sum(act.values()) / len(act):.4f}, min {min(act.values()):.4f}, "
                    f"max {max(act.values()):.4f} over {len(act)} linears")

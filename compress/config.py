@@ -220,6 +220,7 @@ class QuantConfig:
 
 
 ACT_METHODS = ("teal", "chess", "wina")
+ACT_SCALES = ("token", "none")
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,9 @@ class ActConfig:
         positions: position bands with their own thresholds (``activations.positions``): ``auto``, ``off``
             (one threshold set per linear, as the papers) or edges like ``64,256``; ``resolved`` fixes them
             for a calibration length.
+        scale: ``token``: a threshold is relative to each token's input RMS (``|x_j| < t_j · rms(x)`` is
+            zeroed), so inputs whose scale drifts with position or context keep the target; ``none``: absolute
+            thresholds, as the papers.
     """
 
     sparsity: float
@@ -246,6 +250,7 @@ class ActConfig:
     per_layer: dict = field(default_factory=dict)
     prefill: str = "sparse"
     positions: str = "auto"
+    scale: str = "token"
 
     def __post_init__(self):
         for name, s in [("--act-sparsity", self.sparsity), *self.per_layer.items()]:
@@ -255,6 +260,8 @@ class ActConfig:
             raise ValueError(f"--act-method {self.method!r} is not one of {', '.join(ACT_METHODS)}")
         if self.prefill not in ("sparse", "dense"):
             raise ValueError(f"--act-prefill {self.prefill!r} is not sparse or dense")
+        if self.scale not in ACT_SCALES:
+            raise ValueError(f"--act-scale {self.scale!r} is not one of {', '.join(ACT_SCALES)}")
         self.edges(1 << 62)  # a malformed --act-positions fails here, before the model loads
         for expr in self.targets:
             try:
@@ -363,8 +370,8 @@ class Recipe:
         act = data.get("act")
         if act is not None:
             _check_keys(ActConfig, act, "recipe.act")
-            # recipes from before position bands had one threshold set per linear
-            act = ActConfig(**{"positions": "off", **act, "targets": tuple(act.get("targets", ()))})
+            # recipes from before position bands and token scales had one absolute threshold set per linear
+            act = ActConfig(**{"positions": "off", "scale": "none", **act, "targets": tuple(act.get("targets", ()))})
         return cls(prune=prune_cfg, quant=quant, ignore=tuple(data.get("ignore", ())), calib=CalibConfig(**calib), act=act,
                    quant_lm_head=bool(data.get("quant_lm_head", False)),
                    # what recipes did before the choices existed

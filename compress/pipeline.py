@@ -37,7 +37,7 @@ from torch import nn
 from compress import models
 from compress.activations.histogram import AbsHistogram
 from compress.activations.positions import band_slices
-from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds
+from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds, token_rms
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error, resolve_precision
 from compress.checkpoint import release
@@ -376,6 +376,8 @@ class _BlockCompressor:
                 norms.update(x)
             if hists is not None:  # |x| histograms per position band (of the gate activations for CHESS's gated MLPs)
                 a = gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x
+                if self.recipe.act.scale == "token":
+                    a = a / token_rms(x)
                 for hist, band in zip(hists, band_slices(self.act_edges, a.shape[-2])):
                     hist.update(a[..., band, :].reshape(-1, a.shape[-1])[:: self.hist_stride])
             if self._stop_at is None:
@@ -530,7 +532,7 @@ class _BlockCompressor:
                                             models.is_attention(self.block, name), up.mean_abs if up else None)
                                  for hist in hists])
                 t = t[0] if len(t) == 1 else t
-                self.sparsifiers[name] = Sparsifier(t, self.act_edges, up=up)
+                self.sparsifiers[name] = Sparsifier(t, self.act_edges, up=up, token_scale=self.recipe.act.scale == "token")
                 self.act_thresholds[full] = t
                 if up is not None:
                     up.collecting = False

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import compress
 from compress.activations.histogram import AbsHistogram
 from compress.activations.positions import TokenPositions, band_edges, band_slices
-from compress.activations.thresholds import Sparsifier, install, thresholds
+from compress.activations.thresholds import Sparsifier, install, thresholds, token_rms
 from compress.cli import app
 from compress.config import ActConfig, Pattern, PruneConfig, Recipe
 from compress.pipeline import compress_sequential
@@ -217,15 +217,16 @@ def test_position_bands_hold_the_target_at_every_position_and_past_the_calibrati
     assert late < 0.45 and float((sparse_static == 0).float()[:, :16].mean()) > 0.8
 
 
-@pytest.mark.parametrize("positions", ["4,12", "off"])
-def test_decode_with_a_kv_cache_uses_each_tokens_band(positions):
+@pytest.mark.parametrize("positions,scale", [("4,12", "none"), ("4,12", "token"), ("off", "none")])
+def test_decode_with_a_kv_cache_uses_each_tokens_band(positions, scale):
     """Token by token with a cache, or through generate, a model with banded thresholds computes what one
     forward over the whole sequence computes: each decode step reads its own position's band."""
     model = build("llama")
-    report = compress_sequential(model, _tokens(length=24), Recipe(act=ActConfig(0.5, "teal", positions=positions)))
+    recipe = Recipe(act=ActConfig(0.5, "teal", positions=positions, scale=scale))
+    report = compress_sequential(model, _tokens(length=24), recipe)
     assert report.act_edges == ((4, 12) if positions != "off" else ())
     assert all(t.dim() == (2 if report.act_edges else 1) for t in report.act_thresholds.values())
-    install(model, report.act_thresholds, edges=report.act_edges)
+    install(model, report.act_thresholds, edges=report.act_edges, token_scale=scale == "token")
     ids = _tokens(n=1, length=20, seed=3)
     with torch.no_grad():
         full = model(ids).logits[0]
@@ -240,7 +241,9 @@ def test_decode_with_a_kv_cache_uses_each_tokens_band(positions):
         for _ in range(10):  # greedy from full forwards, no cache
             reference = torch.cat([reference, model(reference).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(greedy, reference)
-    if positions != "off":  # the bands matter here: thresholds of band 0 everywhere give other logits
+    # the bands matter for absolute thresholds (this random model's inputs differ in scale from position to
+    # position, hardly in shape): thresholds of band 0 everywhere give other logits
+    if positions != "off" and scale == "none":
         band0 = {n: t[0] for n, t in report.act_thresholds.items()}
         plain = build("llama")
         install(plain, band0)
@@ -273,7 +276,55 @@ def test_cli_records_position_bands_and_load_installs_them(saved_model, calib_tx
     achieved = _eval(out, calib_txt, tmp_path / "e.json")["activation_sparsity"].values()
     assert sum(achieved) / len(achieved) == pytest.approx(0.5, abs=0.05)
     shown = runner.invoke(app, ["eval", str(out), "--ppl", str(calib_txt), "--seqlen", "32", "--limit", "1"]).output
-    assert "every token; thresholds per position band from 0, 8, 16)" in shown, shown
+    assert "every token; thresholds per position band from 0, 8, 16, relative to each token's input RMS)" in shown, shown
     default = tmp_path / "default"  # 32-token windows: too short for auto's first band at 64
     assert _prune(saved_model("llama"), default, calib_txt, "--act-sparsity", "0.5").exit_code == 0
     assert json.loads((default / "compression.json").read_text())["recipe"]["act"]["positions"] == "off"
+
+
+def _drifting_inputs(n=4000, channels=48, seed=0):
+    """Inputs of one shape whose scale differs from token to token by up to 30x (as attention outputs grow with
+    position and context), and each token's scale."""
+    scale = torch.exp(torch.rand(n, 1, generator=torch.Generator().manual_seed(seed)) * 3.4)
+    return _samples(n, channels, seed) * scale, scale[:, 0]
+
+
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_token_scaled_thresholds_hold_the_target_where_the_input_scale_drifts(method):
+    calib, _ = _drifting_inputs()
+    served, scale = _drifting_inputs(seed=1)
+    served = served * 2.0  # served louder than calibrated
+    W = torch.randn(16, calib.shape[1])
+    hist = AbsHistogram(calib.shape[1])
+    hist.update(calib / token_rms(calib))
+    hook = Sparsifier(thresholds(hist, method, 0.4, W, False), token_scale=True)
+    hook(None, (calib,))
+    assert hook.sparsity == pytest.approx(0.4, abs=0.003)  # exactly the calibrated sparsity on its own inputs
+    (sparse,) = Sparsifier(hook.t[0], token_scale=True)(None, (served,))
+    quiet, loud = scale < scale.median(), scale >= scale.median()
+    for tokens in (quiet, loud):  # the target holds for quiet and loud tokens alike, and on louder text
+        assert float((sparse[tokens] == 0).float().mean()) == pytest.approx(0.4, abs=0.02)
+    absolute = AbsHistogram(calib.shape[1])
+    absolute.update(calib)
+    (plain,) = Sparsifier(thresholds(absolute, method, 0.4, W, False))(None, (served,))
+    # one absolute threshold: far from the target on the louder text, and far more of the quiet tokens than of the loud
+    assert float((plain == 0).float().mean()) < 0.3
+    assert float((plain[quiet] == 0).float().mean()) > float((plain[loud] == 0).float().mean()) + 0.2
+
+
+def test_cli_records_the_token_scale_and_load_installs_it(saved_model, calib_txt, tmp_path):
+    for scale in ("token", "none"):
+        out = tmp_path / scale
+        result = _prune(saved_model("llama"), out, calib_txt, "--act-sparsity", "0.5", "--act-scale", scale)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "compression.json").read_text())["recipe"]["act"]["scale"] == scale
+        hooks = compress.load(str(out)).compress_sparsifiers
+        assert hooks and all(h.token_scale == (scale == "token") for h in hooks.values())
+    bad = _prune(saved_model("llama"), tmp_path / "bad", calib_txt, "--act-sparsity", "0.5", "--act-scale", "rms")
+    assert bad.exit_code == 2 and "--act-scale 'rms'" in bad.output and not (tmp_path / "bad").exists()
+    # a folder from before --act-scale: its recipe has no scale, its thresholds are absolute
+    meta_path = tmp_path / "none" / "compression.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["recipe"]["act"]["scale"]
+    meta_path.write_text(json.dumps(meta))
+    assert not any(h.token_scale for h in compress.load(str(tmp_path / "none")).compress_sparsifiers.values())

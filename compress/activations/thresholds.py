@@ -40,6 +40,12 @@ class UpOutput:
         return (self.abs_sum / max(self.tokens, 1)).cpu()
 
 
+def token_rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of each token's input ``(..., 1)``, in ``x``'s dtype: what ``--act-scale token``
+    thresholds are relative to (an all-zero token gets a tiny positive scale, so nothing divides by zero)."""
+    return x.float().square().mean(-1, keepdim=True).sqrt().clamp_min(1e-30).to(x.dtype)
+
+
 def gate_activation(x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``act(gate)`` recovered from the down projection's input ``x = act(gate) * up`` (0 where ``up`` is)."""
     return torch.where(up != 0, x / torch.where(up != 0, up, torch.ones_like(up)), torch.zeros_like(x))
@@ -81,10 +87,11 @@ class Sparsifier:
         dense_prefill: leave multi-token forwards (prefill) dense, sparsify single-token decode steps only.
         up: for CHESS on a gated MLP's down projection, its up projection's output hook: ``t`` then applies
             to the gate activation ``x / up`` (``|x| >= t·|up|``).
+        token_scale: ``t`` is relative to each token's input RMS (``token_rms``): ``|x| >= t·rms(x)`` is kept.
     """
 
     def __init__(self, t: torch.Tensor, edges: tuple[int, ...] = (), positions: TokenPositions | None = None,
-                 dense_prefill: bool = False, up: UpOutput | None = None):
+                 dense_prefill: bool = False, up: UpOutput | None = None, token_scale: bool = False):
         self.t = t if t.dim() == 2 else t[None]
         if self.t.shape[0] != len(edges) + 1:
             raise ValueError(f"{self.t.shape[0]} threshold rows for {len(edges) + 1} position bands")
@@ -92,6 +99,7 @@ class Sparsifier:
         self.positions = positions or TokenPositions()
         self.dense_prefill = dense_prefill
         self.up = up
+        self.token_scale = token_scale
         self.zeros = 0
         self.total = 0
 
@@ -107,6 +115,8 @@ class Sparsifier:
         bound = self.t[0] if len(self.edges) == 0 else self.t[band_of(self.edges, self.positions.of(x))]
         if self.up is not None:
             bound = bound * self.up.value.abs()
+        if self.token_scale:
+            bound = bound * token_rms(x)
         x = x * (x.abs() >= bound)
         self.zeros += int((x == 0).sum())
         self.total += x.numel()
@@ -119,12 +129,14 @@ class Sparsifier:
 
 
 def install(model: nn.Module, table: dict[str, torch.Tensor], prefill: str = "sparse",
-            gate_space: dict[str, str] | None = None, edges: tuple[int, ...] = ()) -> dict[str, Sparsifier]:
+            gate_space: dict[str, str] | None = None, edges: tuple[int, ...] = (),
+            token_scale: bool = False) -> dict[str, Sparsifier]:
     """Attach a ``Sparsifier`` to every linear named in ``table``; returns them by name (for their counts).
 
     Args:
         table: linear name -> ``(in,)`` thresholds, or ``(bands, in)`` for the position bands ``edges``.
         gate_space: down projection name -> its up projection's, for thresholds on gate activations (CHESS).
+        token_scale: the thresholds are relative to each token's input RMS (``--act-scale token``).
     """
     positions = TokenPositions()
     if edges:
@@ -135,6 +147,6 @@ def install(model: nn.Module, table: dict[str, torch.Tensor], prefill: str = "sp
         if gate_space and name in gate_space:
             up = UpOutput()
             model.get_submodule(gate_space[name]).register_forward_hook(up)
-        hooks[name] = Sparsifier(t, edges, positions, dense_prefill=prefill == "dense", up=up)
+        hooks[name] = Sparsifier(t, edges, positions, dense_prefill=prefill == "dense", up=up, token_scale=token_scale)
         model.get_submodule(name).register_forward_pre_hook(hooks[name])
     return hooks
