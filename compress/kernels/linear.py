@@ -9,7 +9,6 @@ from compress.kernels import ops
 from compress.kernels.formats import PARTS, Q4Dense, Q4Sparse24
 
 LAYOUTS = {cls.__name__: cls for cls in (Q4Dense, Q4Sparse24)}
-PRODUCTS = {Q4Dense: ops.q4_dense_mm, Q4Sparse24: ops.q4_sparse24_mm}
 
 
 class PackedLinear(nn.Module):
@@ -24,6 +23,15 @@ class PackedLinear(nn.Module):
         for part in self.parts:
             self.register_buffer(f"packed_{part}", getattr(weight, part))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._product = None  # ops.quantized_product of the buffers, bound on first use
+
+    def _apply(self, fn, recurse=True):
+        self._product = None  # the buffers move or change: bind again
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._product = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def weight_packed(self) -> Q4Dense | Q4Sparse24:
@@ -31,7 +39,11 @@ class PackedLinear(nn.Module):
                            shape=(self.out_features, self.in_features), group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = PRODUCTS[self.layout](x, self.weight_packed).to(x.dtype)
+        if self._product is None:
+            self._product = ops.quantized_product(self.weight_packed)
+        y = self._product(x)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

@@ -30,24 +30,38 @@ def _use_kernel(x2: torch.Tensor):
 
 
 def q4_dense_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
-    return _quantized_mm(x, w, "q4_dense_mm", (w.data,), reference.q4_dense_mm)
+    return quantized_product(w)(x)
 
 
 def q4_sparse24_mm(x: torch.Tensor, w: Q4Sparse24) -> torch.Tensor:
-    return _quantized_mm(x, w, "q4_sparse24_mm", (w.data, w.pos), reference.q4_sparse24_mm, w.group_size % 8 == 0)
+    return quantized_product(w)(x)
 
 
-def _quantized_mm(x: torch.Tensor, w: Q4Dense | Q4Sparse24, kernel: str, packed: tuple, fallback, usable: bool = True):
-    """``x @ Wᵀ`` by the GEMV ``kernel`` (up to 16 rows), the compiled dequantization + BLAS, or ``fallback``."""
-    x2 = _rows(x)
-    k = _compiled(x2) if usable else None
-    if k is None:
-        y = fallback(x2, w)
-    elif x2.shape[0] <= MAX_KERNEL_BATCH:
-        y = getattr(k, kernel)(x2, *packed, w.scale, w.zero, w.shape[0], w.group_size)
-    else:
-        y = x2 @ k.q4_unpack(w.data, getattr(w, "pos", None), w.scale, w.zero, w.shape[0], w.group_size).t()
-    return y.reshape(*x.shape[:-1], w.shape[0])
+def quantized_product(w: Q4Dense | Q4Sparse24):
+    """``x -> x @ Wᵀ`` for the packed ``w``, its arguments bound once: the GEMV kernel (up to 16 rows), the
+    compiled dequantization + BLAS above that, or the reference. A decode step calls the products of every
+    linear once per token, so what does not depend on ``x`` is not redone per call."""
+    sparse = isinstance(w, Q4Sparse24)
+    kernel, fallback = ("q4_sparse24_mm", reference.q4_sparse24_mm) if sparse else ("q4_dense_mm", reference.q4_dense_mm)
+    k = ops() if not sparse or w.group_size % 8 == 0 else None
+    out, n_in = w.shape
+    gemv = getattr(k, kernel) if k is not None else None
+    args = ((w.data, w.pos) if sparse else (w.data,)) + (w.scale, w.zero, out, w.group_size)
+    cpu = w.data.device.type == "cpu"
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, n_in)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        if gemv is None or not cpu:
+            y = fallback(x2, w)
+        elif x2.shape[0] <= MAX_KERNEL_BATCH:
+            y = gemv(x2, *args)
+        else:
+            y = x2 @ k.q4_unpack(w.data, w.pos if sparse else None, w.scale, w.zero, out, w.group_size).t()
+        return y.reshape(*x.shape[:-1], out)
+
+    return product
 
 
 def act_sparse_mm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
