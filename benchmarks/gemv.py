@@ -4,7 +4,8 @@ For each shape ``(out, in)`` and thread count: batch-1 product time (median of `
 warm-up) of fp32 and bf16 ``F.linear``, torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``, bf16 input:
 its fast path; its fp32-input path is reported too), our dense W4 (group 128, symmetric), our 2:4 + W4, and
 our input-major activation-sparse product at 50% zero inputs (fp32 and bf16) next to the dense product of the
-same dtype. Also the weight bytes each reads, the GB/s that makes, and the machine's read and copy
+same dtype, and our input-major W4 (the layout of packed linears with activation thresholds) at 0% and 50% zero
+inputs next to our row-major W4. Also the weight bytes each reads, the GB/s that makes, and the machine's read and copy
 bandwidth measured the same way. All variants of one shape run interleaved, round-robin, so a slower period of
 a shared machine hits them alike.
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.kernels.build import ops
-from compress.kernels.formats import Q4Dense, Q4Sparse24
+from compress.kernels.formats import Q4Dense, Q4InputMajor, Q4Sparse24
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 GROUP = 128
@@ -36,6 +37,7 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
     codes = torch.randint(-8, 8, (out, n_in), dtype=torch.int8, generator=gen)
     scale = torch.rand(out, n_in // GROUP, generator=gen) / 8
     q4 = Q4Dense.pack(codes, scale, None, GROUP)
+    im = Q4InputMajor.pack(codes, scale, None, GROUP)
     runs = codes.reshape(out, -1, 4).clone()
     runs[..., 2:] = 0  # any 2:4 pattern reads the same bytes
     s24 = Q4Sparse24.pack(runs.reshape(out, n_in), scale, None, GROUP)
@@ -56,6 +58,9 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
         "torch int4 (fp32 x)": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scale_zero), int4_bytes * 2),
         "ours W4 g128": (lambda: k.q4_dense_mm(x, q4.data, q4.scale, q4.zero, out, GROUP), q4.nbytes),
         "ours 2:4 + W4 g128": (lambda: k.q4_sparse24_mm(x, s24.data, s24.pos, s24.scale, s24.zero, out, GROUP), s24.nbytes),
+        "ours W4 g128 input-major": (lambda: k.q4_input_major_mm(x, im.data, im.scale, im.zero, out, GROUP), im.nbytes),
+        "ours W4 g128 input-major act 50%": (lambda: k.q4_input_major_mm(x50, im.data, im.scale, im.zero, out, GROUP),
+                                             im.nbytes // 2),
         "ours act-sparse 50% fp32": (lambda: k.act_sparse_mm(x50, WT), W.numel() * 2),
         "ours act-sparse 50% bf16": (lambda: k.act_sparse_mm(x50, WTb), W.numel()),
     }
@@ -106,13 +111,15 @@ def run(shapes, threads, repeats: int) -> dict:
                 "2:4+W4 vs W4": v["ours W4 g128"]["ms"] / v["ours 2:4 + W4 g128"]["ms"],
                 "act50 fp32 vs fp32 F.linear": v["fp32 F.linear"]["ms"] / v["ours act-sparse 50% fp32"]["ms"],
                 "act50 bf16 vs bf16 F.linear": v["bf16 F.linear"]["ms"] / v["ours act-sparse 50% bf16"]["ms"],
+                "W4 input-major act50 vs W4": v["ours W4 g128"]["ms"] / v["ours W4 g128 input-major act 50%"]["ms"],
+                "W4 input-major vs W4 (no zeros)": v["ours W4 g128"]["ms"] / v["ours W4 g128 input-major"]["ms"],
             }
             results["runs"].append(row)
             print(f"{out}x{n_in}:", flush=True)
             for name, r in v.items():
-                print(f"  {name:<26} {r['ms']:8.3f} ms  {r['GBps']:6.1f} GB/s", flush=True)
+                print(f"  {name:<34} {r['ms']:8.3f} ms  {r['GBps']:6.1f} GB/s", flush=True)
             for name, r in row["ratios"].items():
-                print(f"  {name:<30} {r:6.2f}x", flush=True)
+                print(f"  {name:<34} {r:6.2f}x", flush=True)
     return results
 
 

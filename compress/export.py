@@ -180,7 +180,7 @@ def _check_linear_modules(fmt: str, recipe, model) -> None:
 def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, sparse24: bool = False) -> dict:
     """Bytes the compressed linears take in ``fmt`` vs the same linears dense in ``dtype`` (the model's);
     ``symmetric``: quantized without zero points; ``sparse24``: 2:4-pruned (``packed`` stores them as
-    ``Q4Sparse24``)."""
+    ``Q4Sparse24``, but for linears with activation thresholds, which are ``Q4InputMajor``: 4 bits a weight)."""
     from compress.kernels.formats import TILE
 
     size = torch.finfo(dtype).bits // 8
@@ -194,7 +194,7 @@ def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, 
         groups = n_in // layer.group_size
         if fmt == "packed":  # kernels.formats: 16-row tiles, fp32 scales (and unsigned zero points)
             rows = -(-n_out // TILE) * TILE
-            stored += rows * n_in * (3 if sparse24 else 4) // 8 + rows * groups * 4 * (1 if symmetric else 2)
+            stored += rows * n_in * (3 if sparse24 and not layer.act_target else 4) // 8 + rows * groups * 4 * (1 if symmetric else 2)
             continue
         stored += n_out * math.ceil(n_in * layer.bits / 32) * 4 + n_out * groups * size + 2 * 8
         if not symmetric:
@@ -242,17 +242,20 @@ def _packed_state(name: str, packed) -> dict[str, torch.Tensor]:
     return {f"{name}.packed_{part}": getattr(packed, part) for part in PARTS if getattr(packed, part, None) is not None}
 
 
-def _packed_tensors(state: dict[str, torch.Tensor], quantized: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """``state`` with each quantized linear's weight replaced by the kernels' layout of it (``Q4Sparse24`` when
-    every run of 4 inputs holds at most 2 non-zero weights, else ``Q4Dense``), and per linear its layout."""
-    from compress.kernels.formats import Q4Dense, Q4Sparse24
+def _packed_tensors(state: dict[str, torch.Tensor], quantized: dict,
+                    input_major: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``state`` with each quantized linear's weight replaced by the kernels' layout of it, and per linear its
+    layout: ``Q4InputMajor`` for the linears in ``input_major`` (those with activation thresholds: the kernel
+    skips the weights of zeroed inputs), else ``Q4Sparse24`` when every run of 4 inputs holds at most 2
+    non-zero weights, else ``Q4Dense``."""
+    from compress.kernels.formats import Q4Dense, Q4InputMajor, Q4Sparse24
 
     state, layers = dict(state), {}
     for name, q in quantized.items():
         grid = q.grid
         nonzero = grid.decode(q.codes) != 0
         is_24 = nonzero.shape[1] % 8 == 0 and int(nonzero.reshape(nonzero.shape[0], -1, 4).sum(-1).max()) <= 2
-        layout = Q4Sparse24 if is_24 else Q4Dense
+        layout = Q4InputMajor if name in input_major else Q4Sparse24 if is_24 else Q4Dense
         packed = layout.pack(q.codes, grid.scale, grid.zero, grid.group_size)
         del state[f"{name}.weight"]
         state.update(_packed_state(name, packed))
@@ -398,7 +401,8 @@ class StreamedOutput:
             state = _ct_tensors(state, quantized, self.dtype)
             self.quantized_names.update(quantized)
         elif self.fmt == "packed":
-            state, layers = _packed_tensors(state, quantized)
+            act = self.recipe.act if self.recipe is not None else None
+            state, layers = _packed_tensors(state, quantized, {n for n in quantized if act and act.target_for(n)})
             self.packed_layers.update(layers)
         self.writer.write(index, state)
         release(block)

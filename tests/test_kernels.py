@@ -7,7 +7,7 @@ from compress.config import QuantConfig
 from compress.kernels import ops as kops
 from compress.kernels import reference
 from compress.kernels.build import ops as compiled
-from compress.kernels.formats import Q4Dense, Q4Sparse24
+from compress.kernels.formats import Q4Dense, Q4InputMajor, Q4Sparse24
 from compress.quant.grid import QuantGrid
 
 SHAPES = [(37, 256, 64), (50, 512, 128), (16, 96, 32), (70, 64, 64)]  # (out, in, group): odd outs, one-group rows
@@ -35,6 +35,19 @@ def test_layouts_round_trip_exactly(shape, symmetric):
     packed = Q4Sparse24.pack(codes, grid.scale, grid.zero, grid.group_size)
     assert torch.equal(packed.unpack(), W)
     assert (packed.unpack() == 0).sum() >= W.numel() // 2
+    codes, grid, W = _quantized(*shape, symmetric)
+    assert torch.equal(Q4InputMajor.pack(codes, grid.scale, grid.zero, grid.group_size).unpack(), W)
+
+
+def test_input_major_layout_keeps_each_inputs_weights_contiguous():
+    codes, grid, W = _quantized(200, 64, 32, True)  # 200 outputs: padded to 208 (13 tiles: blocks of 8 and 5)
+    packed = Q4InputMajor.pack(codes, grid.scale, None, 32)
+    assert packed.data.shape == (64 * 13 * 8,) and packed.scale.shape == (2, 208)
+    assert packed.nbytes == 64 * 208 // 2 + 2 * 208 * 4
+    for i in (0, 17, 63):  # input i: 64 bytes in the first block, 40 in the second; low nibble output 16t+k
+        runs = [packed.data[i * 64 : (i + 1) * 64], packed.data[64 * 64 + i * 40 : 64 * 64 + (i + 1) * 40]]
+        u = torch.cat([torch.stack([r.reshape(-1, 8) & 0xF, r.reshape(-1, 8) >> 4], dim=1).reshape(-1) for r in runs])
+        assert torch.equal(u[:200].to(torch.int16) - 8, codes[:, i].to(torch.int16))
 
 
 def test_sparse24_layout_stores_three_bits_per_weight_plus_scales():
@@ -102,6 +115,28 @@ def test_compiled_dequantization_is_exactly_the_layouts_unpack(shape, symmetric)
     x = torch.randn(3, 40, n_in)  # prefill-sized: the wrappers dequantize and call the BLAS
     _close(kops.q4_dense_mm(x, dense), x @ W.t())
     _close(kops.q4_sparse24_mm(x, sparse), x @ W24.t())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES + [(1536, 576, 64), (200, 64, 32)])
+def test_input_major_kernel_skips_zero_inputs_exactly(isa, shape, symmetric):
+    out, n_in, group = shape
+    gen = torch.Generator().manual_seed(3)
+    codes, grid, W = _quantized(*shape, symmetric)
+    packed = Q4InputMajor.pack(codes, grid.scale, grid.zero, group)
+    for batch in (1, 2, 5, 16):
+        x = torch.randn(batch, n_in, generator=gen) * (torch.rand(batch, n_in, generator=gen) > 0.5)
+        x[:, :3] = 0  # inputs no batch row needs
+        if n_in > group:
+            x[:, group : 2 * group] = 0  # a whole group skipped
+        y = isa.q4_input_major_mm(x, packed.data, packed.scale, packed.zero, out, group)
+        _close(y, reference.q4_input_major_mm(x, packed))
+        _close(y, x @ W.t())
+    x = torch.zeros(1, n_in)  # nothing live: zero outputs
+    assert torch.equal(isa.q4_input_major_mm(x, packed.data, packed.scale, packed.zero, out, group), torch.zeros(1, out))
+    assert torch.equal(isa.q4_input_major_unpack(packed.data, packed.scale, packed.zero, out, group), packed.unpack())
+    big = torch.randn(2, 20, n_in, generator=gen)  # prefill-sized: the wrapper dequantizes and calls the BLAS
+    _close(kops.q4_input_major_mm(big, packed), big @ W.t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,6 +23,8 @@ def _prune(model_dir, out, calib, *extra):
     (["--quant", "w4g16"], "Q4Dense"),
     (["--quant", "w4g16", "--quant-asym"], "Q4Dense"),
     (["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"], "Q4Sparse24"),
+    # activation thresholds: the input-major layout, whose kernel skips the weights of zeroed inputs
+    (["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32", "--act-sparsity", "0.5"], "Q4InputMajor"),
 ])
 def test_packed_folder_computes_what_the_dense_export_computes(recipe, layout, saved_model, calib_txt, tmp_path):
     model_dir = saved_model("llama")
@@ -37,6 +39,7 @@ def test_packed_folder_computes_what_the_dense_export_computes(recipe, layout, s
     linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 14 and all(m.layout.__name__ == layout for m in linears)
     assert not any("proj.weight" in n for n, _ in model.named_parameters())  # no dense copy of packed weights
+    assert len(model.compress_sparsifiers) == (14 if "--act-sparsity" in recipe else 0)
 
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -198,3 +198,64 @@ class Q4Sparse24:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.pos, self.scale, self.zero) if t is not None)
+
+
+IM_BLOCK = 8  # tiles (128 outputs, one 64-byte cache line of an input's codes) per block of Q4InputMajor
+
+
+@dataclass
+class Q4InputMajor:
+    """4-bit group-quantized weights stored input by input, for activation sparsity: the kernel does not read
+    the codes of an input that is zero. Outputs are cut into blocks of 128 (8 tiles of 16); inside a block,
+    each input's codes for those outputs are one 64-byte run (one cache line), and the inputs' runs follow one
+    another, so a block is read as one stream with the zeroed inputs' lines left out. Groups run along the
+    inputs as in ``Q4Dense`` (the scale is applied per group after its inputs are summed, so skipping some of
+    a group's inputs is exact).
+
+    Attributes:
+        data: ``(in · tiles · 8,)`` uint8; tile ``t`` of input ``i`` (its 16 outputs ``16t .. 16t+15``, padded
+            with zeros past ``out``) is 8 bytes, byte ``k`` = ``u[16t+k, i] | u[16t+8+k, i] << 4``, at
+            ``8·(in·t0 + i·n + t - t0)`` where ``t0 = 8·(t // 8)`` starts its block and ``n`` is the
+            block's tile count (8, or fewer in the last block).
+        scale, zero: ``(groups, tiles·16)`` fp32 scales and unsigned zero points per input group and output
+            (``zero`` is ``None`` when symmetric: 8 everywhere).
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    group_size: int
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> "Q4InputMajor":
+        """From signed 4-bit ``codes`` ``(out, in)`` and a grid's ``scale``/``zero`` ``(out, groups)``."""
+        out, n_in = codes.shape
+        if n_in % group_size:
+            raise ValueError(f"Q4InputMajor needs in_features divisible by the group size {group_size}, got {n_in}")
+        pad = -out % TILE
+        u = torch.nn.functional.pad((codes.to(torch.int16) + 8).to(torch.uint8), (0, 0, 0, pad))  # (out+pad, in)
+        halves = u.t().reshape(n_in, -1, 2, 8)  # (in, tiles, half, k): output 16t + 8·half + k
+        tiles = halves[:, :, 0] | (halves[:, :, 1] << 4)  # (in, tiles, 8)
+        data = torch.cat([block.reshape(-1) for block in tiles.split(IM_BLOCK, dim=1)])
+
+        def columns(t: torch.Tensor) -> torch.Tensor:  # (out, groups) -> (groups, out+pad)
+            return torch.nn.functional.pad(t.float().t(), (0, pad)).contiguous()
+
+        zu = None if zero is None else columns(zero.float() + 8)
+        return cls(data, columns(scale), zu, (out, n_in), group_size)
+
+    def unpack(self) -> torch.Tensor:
+        """fp32 ``(out, in)`` weights."""
+        out, n_in = self.shape
+        n_tiles = self.scale.shape[1] // TILE
+        sizes = [min(IM_BLOCK, n_tiles - t0) for t0 in range(0, n_tiles, IM_BLOCK)]
+        blocks = self.data.split([n_in * n * 8 for n in sizes])
+        tiles = torch.cat([b.reshape(n_in, n, 8) for b, n in zip(blocks, sizes)], dim=1)  # (in, tiles, 8)
+        u = torch.stack([tiles & 0xF, tiles >> 4], dim=2).reshape(n_in, -1)[:, :out].t().float()  # (out, in)
+        zero = self.zero[:, :out].t() if self.zero is not None else torch.full((out, self.scale.shape[0]), 8.0)
+        return (u - zero.repeat_interleave(self.group_size, dim=1)) * self.scale[:, :out].t().repeat_interleave(self.group_size, dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)

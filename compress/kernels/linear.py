@@ -6,15 +6,15 @@ import torch
 from torch import nn
 
 from compress.kernels import ops
-from compress.kernels.formats import PARTS, Q4Dense, Q4Sparse24
+from compress.kernels.formats import PARTS, Q4Dense, Q4InputMajor, Q4Sparse24
 
-LAYOUTS = {cls.__name__: cls for cls in (Q4Dense, Q4Sparse24)}
+LAYOUTS = {cls.__name__: cls for cls in (Q4Dense, Q4Sparse24, Q4InputMajor)}
 
 
 class PackedLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` in one of ``kernels.formats``' layouts (its tensors are buffers)."""
 
-    def __init__(self, weight: Q4Dense | Q4Sparse24, bias: torch.Tensor | None = None):
+    def __init__(self, weight: Q4Dense | Q4Sparse24 | Q4InputMajor, bias: torch.Tensor | None = None):
         super().__init__()
         self.layout = type(weight)
         self.out_features, self.in_features = weight.shape
@@ -34,7 +34,7 @@ class PackedLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
-    def weight_packed(self) -> Q4Dense | Q4Sparse24:
+    def weight_packed(self) -> Q4Dense | Q4Sparse24 | Q4InputMajor:
         return self.layout(**{p: getattr(self, f"packed_{p}") for p in self.parts},
                            shape=(self.out_features, self.in_features), group_size=self.group_size)
 

@@ -7,6 +7,10 @@
 //   q4_sparse24: 16-row tiles; per run of 4 inputs, byte [t, k, r] holds the two kept nibbles and a 4-bit
 //                position code p0 | p1 << 2 (two runs per byte of `pos`); unkept weights are zero.
 //   act_sparse:  input-major fp32 or bf16 W^T (in, out): only the rows of inputs that are non-zero are read.
+//   q4_input_major: 4-bit codes input by input, in blocks of 8 tiles (128 outputs): inside a block each input's
+//                codes are 64 bytes (8 per tile, byte k = u[16t+k, i] | u[16t+8+k, i] << 4), inputs one after
+//                another; scale/zero (groups, out padded to 16) per input group and output. The bytes of an
+//                input that is zero in every batch row are not read; a group with no live input costs nothing.
 //
 // Each kernel has an AVX-512 path, an AVX2+FMA path and a portable one, chosen at run time from what the
 // CPU reports (functions are compiled per target with GCC/Clang target attributes). Work is split over
@@ -394,6 +398,114 @@ __attribute__((target("avx2,fma"))) void act_sparse_avx2(const float* x, const W
   if (n < n_idx) act_sparse_portable(x, wt, y, idx + n, 1, batch, in, out, o0, o1);
 }
 
+// ---------------------------------------------------------------- q4_input_major
+// Per batch row and input group: acc[o] = sum over the group's live inputs i of x[i] * u[o, i], then
+// y[o] += scale[g, o] * (acc[o] - zero[g, o] * sum of the group's x). Zero inputs add nothing to either sum, so
+// skipping them is exact; the scale is applied once per group, after the skipped and kept inputs alike.
+struct ImArgs {
+  const float* x;       // (batch, in)
+  float* y;             // (batch, out)
+  const uint8_t* data;  // blocks of (in, <= 8 tiles, 8)
+  const float* scale;   // (groups, tiles * 16)
+  const float* zero;    // (groups, tiles * 16) or nullptr (8)
+  const float* xsum;    // (batch, groups)
+  const int64_t* live;  // live inputs, ascending
+  const int64_t* group_start;  // (groups + 1): live[group_start[g] .. group_start[g+1]) are in group g
+  int64_t n_live, batch, in, out, tiles, group;
+};
+
+constexpr int64_t IM_PREFETCH = 8;  // live inputs ahead
+constexpr int64_t IM_BLOCK = 8;     // tiles per block (formats.IM_BLOCK)
+
+// Where tile t of input i starts, and the distance from one input's codes to the next in t's block.
+inline const uint8_t* im_tile(const ImArgs& a, int64_t i, int64_t t, int64_t* row_bytes) {
+  const int64_t t0 = t / IM_BLOCK * IM_BLOCK, n = std::min(IM_BLOCK, a.tiles - t0);
+  *row_bytes = n * 8;
+  return a.data + 8 * (a.in * t0 + i * n + (t - t0));
+}
+
+void q4_input_major_portable(const ImArgs& a, int64_t t0, int64_t t1) {
+  const int64_t groups = a.in / a.group, width = a.tiles * TILE;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const float* x = a.x + b * a.in;
+    for (int64_t t = t0; t < t1; ++t) {
+      float y[TILE] = {0};
+      for (int64_t g = 0; g < groups; ++g) {
+        if (a.group_start[g] == a.group_start[g + 1]) continue;
+        float acc[TILE] = {0};
+        for (int64_t n = a.group_start[g]; n < a.group_start[g + 1]; ++n) {
+          int64_t row_bytes;
+          const uint8_t* d = im_tile(a, a.live[n], t, &row_bytes);
+          const int64_t i = a.live[n];
+          for (int k = 0; k < 8; ++k) {
+            acc[k] += (d[k] & 15) * x[i];
+            acc[k + 8] += (d[k] >> 4) * x[i];
+          }
+        }
+        const float* s = a.scale + g * width + t * TILE;
+        const float* z = a.zero ? a.zero + g * width + t * TILE : nullptr;
+        for (int r = 0; r < TILE; ++r) y[r] += s[r] * (acc[r] - (z ? z[r] : 8.f) * a.xsum[b * groups + g]);
+      }
+      const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
+      std::memcpy(a.y + b * a.out + t * TILE, y, rows * sizeof(float));
+    }
+  }
+}
+
+// NT tiles (16·NT outputs, 8·NT bytes of each live input) of one batch row; NT is a compile-time constant so the
+// 2·NT accumulators stay in registers.
+template <int NT>
+__attribute__((target("avx2,fma"))) void q4_input_major_avx2_tiles(const ImArgs& a, int64_t b, int64_t t) {
+  const int64_t groups = a.in / a.group, width = a.tiles * TILE;
+  int64_t stride;
+  const uint8_t* base = im_tile(a, 0, t, &stride);  // input i's codes for tiles t.. are at base + i * stride
+  const __m256i low = _mm256_set1_epi32(15);
+  const float* x = a.x + b * a.in;
+  __m256 y[2 * NT];
+  for (int k = 0; k < 2 * NT; ++k) y[k] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    if (a.group_start[g] == a.group_start[g + 1]) continue;
+    __m256 acc[2 * NT];
+    for (int k = 0; k < 2 * NT; ++k) acc[k] = _mm256_setzero_ps();
+    for (int64_t n = a.group_start[g]; n < a.group_start[g + 1]; ++n) {
+      const int64_t i = a.live[n];
+      const uint8_t* d = base + i * stride;
+      // the next live inputs' lines are not adjacent when inputs are skipped: ask for them a few inputs ahead
+      if (n + IM_PREFETCH < a.n_live) _mm_prefetch((const char*)(base + a.live[n + IM_PREFETCH] * stride), _MM_HINT_T0);
+      const __m256 xi = _mm256_broadcast_ss(x + i);
+      for (int q = 0; q < NT; ++q) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(d + 8 * q)));
+        acc[2 * q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), xi, acc[2 * q]);
+        acc[2 * q + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xi, acc[2 * q + 1]);
+      }
+    }
+    const __m256 xs = _mm256_set1_ps(a.xsum[b * groups + g]);
+    const float* s = a.scale + g * width + t * TILE;
+    const float* z = a.zero ? a.zero + g * width + t * TILE : nullptr;
+    for (int k = 0; k < 2 * NT; ++k) {
+      const __m256 zk = z ? _mm256_loadu_ps(z + 8 * k) : _mm256_set1_ps(8.f);
+      y[k] = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * k), _mm256_fnmadd_ps(zk, xs, acc[k]), y[k]);
+    }
+  }
+  float lanes[NT * TILE];
+  for (int k = 0; k < 2 * NT; ++k) _mm256_storeu_ps(lanes + 8 * k, y[k]);
+  const int64_t rows = std::min<int64_t>(NT * TILE, a.out - t * TILE);
+  std::memcpy(a.y + b * a.out + t * TILE, lanes, rows * sizeof(float));
+}
+
+__attribute__((target("avx2,fma"))) void q4_input_major_avx2(const ImArgs& a, int64_t t0, int64_t t1) {
+  for (int64_t b = 0; b < a.batch; ++b) {
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) q4_input_major_avx2_tiles<4>(a, b, t);
+    switch (t1 - t) {
+      case 3: q4_input_major_avx2_tiles<3>(a, b, t); break;
+      case 2: q4_input_major_avx2_tiles<2>(a, b, t); break;
+      case 1: q4_input_major_avx2_tiles<1>(a, b, t); break;
+      default: break;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- entry points
 void check_x(const at::Tensor& x, int64_t in) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x must be (batch, ", in, "), got ", x.sizes());
@@ -425,9 +537,11 @@ at::Tensor q4_dense_mm(const at::Tensor& x, const at::Tensor& data, const at::Te
   check_x(x, data.size(1) * 2);
   TORCH_CHECK(group % 4 == 0, "q4_dense kernels take group sizes divisible by 4, got ", group);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
-  at::Tensor xsum = x.view({x.size(0), -1, group}).sum(-1).contiguous();  // (batch, groups)
   QArgs a = q_args(x, y, data, scale, zero, out, group);
-  a.xsum = xsum.data_ptr<float>();
+  std::vector<float> xsum(a.batch * (a.in / group), 0.f);  // (batch, groups); a loop, not an ATen call per product
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t i = 0; i < a.in; ++i) xsum[b * (a.in / group) + i / group] += a.x[b * a.in + i];
+  a.xsum = xsum.data();
   const Isa isa = chosen();
   at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
     if (isa == Isa::avx512) q4_dense_avx512(a, t0, t1);
@@ -487,6 +601,83 @@ at::Tensor act_sparse_mm(const at::Tensor& x, const at::Tensor& wt) {
     }
   });
   return y;
+}
+
+at::Tensor q4_input_major_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2, "scale must be contiguous fp32 (groups, tiles * 16)");
+  if (zero) TORCH_CHECK(zero->scalar_type() == at::kFloat && zero->is_contiguous() && zero->sizes() == scale.sizes(), "zero must match scale");
+  const int64_t in = scale.size(0) * group, tiles = scale.size(1) / TILE;
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == in * tiles * 8,
+              "packed data must be contiguous uint8 of in * tiles * 8 bytes");
+  check_x(x, in);
+  TORCH_CHECK(group > 0 && scale.size(1) % TILE == 0 && tiles * TILE >= out, "scale shape ", scale.sizes(), " does not fit");
+  at::Tensor y = at::empty({x.size(0), out}, x.options());
+  // the inputs some batch row needs, group by group, and each row's sum per group: one pass over x, no ATen
+  // calls (a decode step's products are small enough that a few of those would cost more than the product)
+  const int64_t batch = x.size(0), groups = in / group;
+  const float* xp = x.data_ptr<float>();
+  std::vector<int64_t> live, starts(groups + 1, 0);
+  std::vector<float> xsum(batch * groups, 0.f);
+  live.reserve(in);
+  for (int64_t g = 0; g < groups; ++g) {
+    starts[g] = static_cast<int64_t>(live.size());
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+      bool needed = false;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float v = xp[b * in + i];
+        xsum[b * groups + g] += v;
+        needed |= v != 0.f;
+      }
+      if (needed) live.push_back(i);
+    }
+  }
+  starts[groups] = static_cast<int64_t>(live.size());
+  ImArgs a{xp, y.data_ptr<float>(), data.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+           zero ? zero->data_ptr<float>() : nullptr, xsum.data(), live.data(), starts.data(),
+           static_cast<int64_t>(live.size()), batch, in, out, tiles, group};
+  const Isa isa = chosen();
+  // eight tiles (128 outputs) per task: one cache line of each live input's row, read by the AVX2 path in two
+  // passes of four tiles
+  at::parallel_for(0, (tiles + 7) / 8, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t t0 = c0 * 8, t1 = std::min(tiles, c1 * 8);
+    if (isa != Isa::portable) q4_input_major_avx2(a, t0, t1);  // AVX-512 CPUs run the AVX2 path
+    else q4_input_major_portable(a, t0, t1);
+  });
+  return y;
+}
+
+// fp32 weights (out, in) of a q4_input_major layout (prefill: one BLAS product after it).
+at::Tensor q4_input_major_unpack(const at::Tensor& data, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                                 int64_t out, int64_t group) {
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2, "scale must be contiguous fp32 (groups, tiles * 16)");
+  if (zero) TORCH_CHECK(zero->scalar_type() == at::kFloat && zero->is_contiguous() && zero->sizes() == scale.sizes(), "zero must match scale");
+  const int64_t in = scale.size(0) * group, tiles = scale.size(1) / TILE, width = tiles * TILE;
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == in * tiles * 8,
+              "packed data must be contiguous uint8 of in * tiles * 8 bytes");
+  TORCH_CHECK(group > 0 && scale.size(1) % TILE == 0 && width >= out, "scale shape ", scale.sizes(), " does not fit");
+  at::Tensor w = at::empty({out, in}, scale.options());
+  ImArgs a{};
+  a.data = data.data_ptr<uint8_t>();
+  a.in = in;
+  a.tiles = tiles;
+  const float* s = scale.data_ptr<float>();
+  const float* z = zero ? zero->data_ptr<float>() : nullptr;
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t t = row / TILE, lane = row % TILE, k = lane % 8, shift = lane < 8 ? 0 : 4;
+      int64_t stride;
+      const uint8_t* base = im_tile(a, 0, t, &stride);
+      float* wr = wp + row * in;
+      for (int64_t i = 0; i < in; ++i) {
+        const int64_t g = i / group;
+        const float zp = z ? z[g * width + row] : 8.0f;
+        wr[i] = (float((base[i * stride + k] >> shift) & 15) - zp) * s[g * width + row];
+      }
+    }
+  });
+  return w;
 }
 
 // Dequantized fp32 weights (out, in) of a q4_dense (pos undefined) or q4_sparse24 layout: prefill's path, where
@@ -667,6 +858,8 @@ TORCH_LIBRARY(compress_kernels, m) {
   m.def("q4_dense_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_dense_mm);
   m.def("q4_sparse24_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_sparse24_mm);
   m.def("act_sparse_mm(Tensor x, Tensor wt) -> Tensor", &act_sparse_mm);
+  m.def("q4_input_major_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_input_major_mm);
+  m.def("q4_input_major_unpack(Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_input_major_unpack);
   m.def("q4_unpack(Tensor data, Tensor? pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_unpack);
   m.def("cpu_cache(int cap, int min_bytes) -> int", &cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
