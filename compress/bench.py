@@ -93,16 +93,37 @@ def dense_twin(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
-def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+CACHE_BUCKET = 256  # compiled decoding: KV cache lengths are multiples of this, so few lengths are compiled
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False) -> torch.Tensor:
+    """The ``new_tokens`` greedy tokens after ``ids`` ``(1, T)``.
+
+    Args:
+        compiled: decode steps through ``torch.compile`` (inductor) on a static KV cache: the per-token
+            Python and dispatch of the eager model, which on a small model costs as much as its products,
+            becomes one compiled call; compress's kernels are traced as opaque ops. The first call per cache
+            length compiles (a minute or two on a CPU); the cache length is rounded up to a multiple of
+            ``CACHE_BUCKET`` so later calls reuse it. Prefill stays eager.
+    """
+    kwargs = {}
+    if compiled:
+        from transformers import CompileConfig, StaticCache
+
+        config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+        config._compile_all_devices = True  # transformers compiles on accelerators only, unless told so
+        length = -(-(ids.shape[1] + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        kwargs = {"cache": StaticCache(config=model.config, max_cache_len=length), "compile_config": config}
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              use_cache=True)[0, ids.shape[1]:]
+                              use_cache=True, **kwargs)[0, ids.shape[1]:]
 
 
-def decode_speed(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int = 3) -> dict[str, float]:
+def decode_speed(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, repeats: int = 3,
+                 compiled: bool = False) -> dict[str, float]:
     """Greedy decode tokens/s of each model (prefill excluded), medians, the models interleaved."""
-    full = _median_ms({n: (lambda m=m: greedy(m, ids, new_tokens)) for n, m in models.items()}, repeats)
-    one = _median_ms({n: (lambda m=m: greedy(m, ids, 1)) for n, m in models.items()}, repeats)
+    full = _median_ms({n: (lambda m=m: greedy(m, ids, new_tokens, compiled)) for n, m in models.items()}, repeats)
+    one = _median_ms({n: (lambda m=m: greedy(m, ids, 1, compiled)) for n, m in models.items()}, repeats)
     return {n: (new_tokens - 1) / max(full[n] - one[n], 1e-6) * 1e3 for n in models}
 
 

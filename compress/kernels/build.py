@@ -38,7 +38,7 @@ def ops():
     if os.environ.get("COMPRESS_KERNELS") == "reference":
         return None
     if hasattr(torch.ops, NAME) and hasattr(getattr(torch.ops, NAME), "isa"):
-        return getattr(torch.ops, NAME)
+        return _traceable(getattr(torch.ops, NAME))
     try:
         from torch.utils import cpp_extension
 
@@ -52,7 +52,7 @@ def ops():
             # rebuild, ~15 s, whenever the same sources are read from another path, e.g. another checkout.)
             try:
                 torch.ops.load_library(str(built))
-                return getattr(torch.ops, NAME)
+                return _traceable(getattr(torch.ops, NAME))
             except OSError as err:  # e.g. a build killed while linking
                 log.warning("the cached kernels %s do not load (%s); rebuilding them", built, str(err).splitlines()[0])
                 built.unlink()
@@ -64,4 +64,26 @@ def ops():
         warnings.warn(f"compress's CPU kernels are unavailable ({str(err).splitlines()[0][:200]}); "
                       "using the slower pure-torch reference", RuntimeWarning, stacklevel=2)
         return None
-    return getattr(torch.ops, NAME)
+    return _traceable(getattr(torch.ops, NAME))
+
+
+_FAKES_REGISTERED = False
+
+
+def _traceable(lib):
+    """``lib``, with shape-only (fake) versions of its tensor ops registered once, so that torch.compile can
+    trace a model whose linears call them (``compress generate --compile``)."""
+    global _FAKES_REGISTERED
+    if not _FAKES_REGISTERED:
+        def rows(x, *args):  # (batch, in) -> (batch, out); ``out`` is the second-to-last argument
+            return x.new_empty(x.shape[0], args[-2])
+
+        for op in ("q4_dense_mm", "q4_sparse24_mm", "q4_input_major_mm"):
+            torch.library.register_fake(f"{NAME}::{op}")(rows)
+        torch.library.register_fake(f"{NAME}::act_sparse_mm")(lambda x, wt: x.new_empty(x.shape[0], wt.shape[1]))
+        torch.library.register_fake(f"{NAME}::q4_unpack")(
+            lambda data, pos, scale, zero, out, group: scale.new_empty(out, data.shape[1] * (4 if pos is not None else 2)))
+        torch.library.register_fake(f"{NAME}::q4_input_major_unpack")(
+            lambda data, scale, zero, out, group: scale.new_empty(out, scale.shape[0] * group))
+        _FAKES_REGISTERED = True
+    return lib

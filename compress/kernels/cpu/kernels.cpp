@@ -854,16 +854,27 @@ int64_t set_isa(int64_t level) {
 
 }  // namespace
 
+// The tensor ops are CPU kernels of their schema (not composite), so torch.compile can trace them with a fake
+// (shape-only) implementation: kernels/compiled.py registers those.
 TORCH_LIBRARY(compress_kernels, m) {
-  m.def("q4_dense_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_dense_mm);
-  m.def("q4_sparse24_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_sparse24_mm);
-  m.def("act_sparse_mm(Tensor x, Tensor wt) -> Tensor", &act_sparse_mm);
-  m.def("q4_input_major_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_input_major_mm);
-  m.def("q4_input_major_unpack(Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_input_major_unpack);
-  m.def("q4_unpack(Tensor data, Tensor? pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor", &q4_unpack);
+  m.def("q4_dense_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
+  m.def("q4_sparse24_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
+  m.def("act_sparse_mm(Tensor x, Tensor wt) -> Tensor");
+  m.def("q4_input_major_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
+  m.def("q4_input_major_unpack(Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
+  m.def("q4_unpack(Tensor data, Tensor? pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
   m.def("cpu_cache(int cap, int min_bytes) -> int", &cpu_cache);
   m.def("cpu_cache_stats() -> int[]", &cpu_cache_stats);
   m.def("cpu_cache_trim() -> int", &cpu_cache_trim);
   m.def("isa() -> int", &isa);
   m.def("set_isa(int level) -> int", &set_isa);
+}
+
+TORCH_LIBRARY_IMPL(compress_kernels, CPU, m) {
+  m.impl("q4_dense_mm", &q4_dense_mm);
+  m.impl("q4_sparse24_mm", &q4_sparse24_mm);
+  m.impl("act_sparse_mm", &act_sparse_mm);
+  m.impl("q4_input_major_mm", &q4_input_major_mm);
+  m.impl("q4_input_major_unpack", &q4_input_major_unpack);
+  m.impl("q4_unpack", &q4_unpack);
 }
