@@ -115,19 +115,28 @@ def test_quantized_lm_head_stays_tied_and_matches_the_dense_export(family, saved
         torch.testing.assert_close(model(ids[:, :1]).logits, reference(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_decoding_gives_the_eager_tokens(saved_model, calib_txt, tmp_path):
-    """torch.compile traces the packed linears' kernels through their fake implementations; the compiled
-    decode steps on a static cache pick the tokens the eager model picks, for every length of one bucket."""
+@pytest.mark.parametrize("recipe", [
+    ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"],
+    ["--quant", "w4g32", "--act-sparsity", "0.5", "--act-positions", "8,16"],  # input-major, sparsifier hooks, bands
+])
+def test_compiled_decoding_gives_the_eager_tokens(recipe, saved_model, calib_txt, tmp_path):
+    """torch.compile traces the packed linears' kernels through their fake implementations (and the activation
+    sparsifiers' hooks); the compiled decode steps on a static cache pick the tokens the eager model picks, for
+    every length of one bucket, and count the zeroed activations as the eager model does."""
     from compress.bench import greedy
 
     out = tmp_path / "packed"
-    assert _prune(saved_model("llama"), out, calib_txt, "--method", "sparsegpt", "--pattern", "2:4", "--quant",
-                  "w4g32", "--format", "packed").exit_code == 0
+    assert _prune(saved_model("llama"), out, calib_txt, *recipe, "--format", "packed").exit_code == 0
     model = compress.load(str(out))
     ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(2))
     eager = greedy(model, ids, 12)
-    for n in (12, 7):
-        assert torch.equal(greedy(model, ids, n, compiled=True), eager[:n])
+    hooks = model.compress_sparsifiers
+    eager_counts = {name: (int(h.zeros), int(h.total)) for name, h in hooks.items()}
+    assert torch.equal(greedy(model, ids, 12, compiled=True), eager)
+    for name, h in hooks.items():  # the compiled run counted what the eager one did: 5 + 11 tokens' inputs
+        zeros, total = eager_counts[name]
+        assert int(h.total) == 2 * total and int(h.zeros) == pytest.approx(2 * zeros, rel=0.01)
+    assert torch.equal(greedy(model, ids, 7, compiled=True), eager[:7])  # same bucket: no recompile needed
     result = runner.invoke(app, ["generate", str(out), "the of and", "--max-new-tokens", "4", "--compile"])
     assert result.exit_code == 0, result.output
     assert "4 new tokens" in result.output

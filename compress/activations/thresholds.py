@@ -100,14 +100,15 @@ class Sparsifier:
         self.dense_prefill = dense_prefill
         self.up = up
         self.token_scale = token_scale
-        self.zeros = 0
-        self.total = 0
+        # counted in tensors, so a call neither waits for its count nor changes a Python number that
+        # torch.compile would have to recompile for
+        self.zeros = torch.zeros((), dtype=torch.int64)
+        self.total = torch.zeros((), dtype=torch.int64)
 
     def __call__(self, _module: nn.Module, args: tuple):
         x = args[0]
         if self.dense_prefill and x.dim() >= 2 and x.shape[-2] > 1:
-            self.zeros += int((x == 0).sum())
-            self.total += x.numel()
+            self._count(x)
             return None
         if self.t.device != x.device or self.t.dtype != x.dtype:  # once: then every call finds them there
             self.t = self.t.to(device=x.device, dtype=x.dtype)
@@ -118,14 +119,19 @@ class Sparsifier:
         if self.token_scale:
             bound = bound * token_rms(x)
         x = x * (x.abs() >= bound)
-        self.zeros += int((x == 0).sum())
-        self.total += x.numel()
+        self._count(x)
         return (x, *args[1:])
+
+    def _count(self, x: torch.Tensor) -> None:
+        zeros = (x == 0).sum()
+        self.zeros = self.zeros + zeros
+        self.total = self.total + torch.full_like(zeros, x.numel())
 
     @property
     def sparsity(self) -> float:
         """Fraction of inputs zeroed (or already zero) since creation."""
-        return self.zeros / self.total if self.total else 0.0
+        total = int(self.total)
+        return int(self.zeros) / total if total else 0.0
 
 
 def install(model: nn.Module, table: dict[str, torch.Tensor], prefill: str = "sparse",
