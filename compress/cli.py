@@ -222,13 +222,15 @@ def prune(
         export.check_resume(out, resume, fingerprint)
         if recipe.act is not None:
             edges = recipe.act.edges(calib_cfg.seqlen)
+            scale = ("relative to each token's input RMS" if recipe.act.scale == "token" else
+                     "absolute (attention outputs grow with position: --act-scale token keeps the target at every length)")
             if edges:
                 log.info("activation thresholds per position band, bands from positions 0, %s (the last also serves "
-                         "positions past the %d-token calibration windows)", ", ".join(map(str, edges)), calib_cfg.seqlen)
+                         "positions past the %d-token calibration windows), %s", ", ".join(map(str, edges)),
+                         calib_cfg.seqlen, scale)
             else:
-                log.info("one activation threshold set per linear, calibrated on %d-token windows: the sparsity "
-                         "achieved depends on the serving length (attention outputs grow over the first hundreds "
-                         "of positions; --act-positions auto follows them)", calib_cfg.seqlen)
+                log.info("one activation threshold set per linear, calibrated on %d-token windows, %s",
+                         calib_cfg.seqlen, scale)
     except ValueError as err:
         _fail(str(err))
     log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
