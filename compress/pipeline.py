@@ -377,7 +377,7 @@ class _BlockCompressor:
             if hists is not None:  # |x| histograms per position band (of the gate activations for CHESS's gated MLPs)
                 a = gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x
                 if self.recipe.act.scale == "token":
-                    a = a / token_rms(x)
+                    a = a / token_rms(a)
                 for hist, band in zip(hists, band_slices(self.act_edges, a.shape[-2])):
                     hist.update(a[..., band, :].reshape(-1, a.shape[-1])[:: self.hist_stride])
             if self._stop_at is None:

@@ -328,3 +328,22 @@ def test_cli_records_the_token_scale_and_load_installs_it(saved_model, calib_txt
     del meta["recipe"]["act"]["scale"]
     meta_path.write_text(json.dumps(meta))
     assert not any(h.token_scale for h in compress.load(str(tmp_path / "none")).compress_sparsifiers.values())
+
+
+def test_chess_token_scale_follows_the_gate_activations_not_the_up_projections_outliers():
+    """CHESS thresholds the gate activations g = x / up; relative to the token's RMS of g, a token whose up
+    projection has a huge channel keeps the same gate channels as one without (relative to the RMS of
+    x = g·up, that one channel would raise the bound of the whole token)."""
+    from compress.activations.thresholds import UpOutput
+
+    g = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).repeat(2, 1)  # two tokens, same gates
+    up = torch.rand(2, 64, generator=torch.Generator().manual_seed(1)) + 0.5
+    up[1, 7] = 300.0  # a massive activation in the second token
+    hook = UpOutput()
+    hook(None, (), up)
+    t = torch.full((64,), 0.8)
+    sparsifier = Sparsifier(t, up=hook, token_scale=True)
+    (x,) = sparsifier(None, (g * up,))
+    kept = x != 0
+    assert torch.equal(kept[0], kept[1]) and torch.equal(kept[0], g[0].abs() >= 0.8 * token_rms(g[:1])[0])
+    assert 0.2 < float(kept[0].float().mean()) < 0.8

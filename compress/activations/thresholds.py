@@ -41,8 +41,11 @@ class UpOutput:
 
 
 def token_rms(x: torch.Tensor) -> torch.Tensor:
-    """Root mean square of each token's input ``(..., 1)``, in ``x``'s dtype: what ``--act-scale token``
-    thresholds are relative to (an all-zero token gets a tiny positive scale, so nothing divides by zero)."""
+    """Root mean square of each token's vector ``(..., 1)``, in ``x``'s dtype: what ``--act-scale token``
+    thresholds are relative to, taken on the vector they compare with (the linear's input; for CHESS on a
+    gated MLP's down projection, the gate activations: the input's RMS there follows the up projection's
+    outliers, which would move the gate thresholds of a whole token). An all-zero token gets a tiny positive
+    scale, so nothing divides by zero."""
     return x.float().square().mean(-1, keepdim=True).sqrt().clamp_min(1e-30).to(x.dtype)
 
 
@@ -87,7 +90,8 @@ class Sparsifier:
         dense_prefill: leave multi-token forwards (prefill) dense, sparsify single-token decode steps only.
         up: for CHESS on a gated MLP's down projection, its up projection's output hook: ``t`` then applies
             to the gate activation ``x / up`` (``|x| >= t·|up|``).
-        token_scale: ``t`` is relative to each token's input RMS (``token_rms``): ``|x| >= t·rms(x)`` is kept.
+        token_scale: ``t`` is relative to each token's RMS (``token_rms``): ``|x| >= t·rms(x)`` is kept (for
+            CHESS, ``|x| >= t·|up|·rms(x / up)``).
     """
 
     def __init__(self, t: torch.Tensor, edges: tuple[int, ...] = (), positions: TokenPositions | None = None,
@@ -117,7 +121,7 @@ class Sparsifier:
         if self.up is not None:
             bound = bound * self.up.value.abs()
         if self.token_scale:
-            bound = bound * token_rms(x)
+            bound = bound * token_rms(x if self.up is None else gate_activation(x, self.up.value))
         x = x * (x.abs() >= bound)
         self._count(x)
         return (x, *args[1:])
