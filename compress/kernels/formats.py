@@ -94,7 +94,22 @@ def _zero_or_default(zero: torch.Tensor | None, scale: torch.Tensor, rows: int, 
 
 
 @dataclass
-class Q4Dense:
+class _GroupedCodes:
+    """What a layout of 4-bit codes with per-group scales holds: its packed ``data``, ``scale`` and ``zero``
+    (``None`` when symmetric), for weights of ``shape`` ``(out, in)`` in groups of ``group_size`` inputs."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+
+class Q4Dense(_GroupedCodes):
     """Dense 4-bit group-quantized weights in 16-row tiles.
 
     Attributes:
@@ -102,12 +117,6 @@ class Q4Dense:
         scale, zero: ``(tiles, groups, 16)`` fp32 scales and unsigned zero points (``zero`` is ``None`` when
             symmetric: 8 everywhere).
     """
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    shape: tuple[int, int]
-    group_size: int
 
     @classmethod
     def pack(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> "Q4Dense":
@@ -134,10 +143,6 @@ class Q4Dense:
         scale = self.scale[tile, :, lane].repeat_interleave(self.group_size, dim=1)
         zero = self.zero[tile, :, lane].repeat_interleave(self.group_size, dim=1) if self.zero is not None else 8.0
         return (u - zero) * scale
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
 
 
 @dataclass
@@ -203,8 +208,7 @@ class Q4Sparse24:
 IM_BLOCK = 8  # tiles (128 outputs, one 64-byte cache line of an input's codes) per block of Q4InputMajor
 
 
-@dataclass
-class Q4InputMajor:
+class Q4InputMajor(_GroupedCodes):
     """4-bit group-quantized weights stored input by input, for activation sparsity: the kernel does not read
     the codes of an input that is zero. Outputs are cut into blocks of 128 (8 tiles of 16); inside a block,
     each input's codes for those outputs are one 64-byte run (one cache line), and the inputs' runs follow one
@@ -220,12 +224,6 @@ class Q4InputMajor:
         scale, zero: ``(groups, tiles·16)`` fp32 scales and unsigned zero points per input group and output
             (``zero`` is ``None`` when symmetric: 8 everywhere).
     """
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    shape: tuple[int, int]
-    group_size: int
 
     @classmethod
     def pack(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> "Q4InputMajor":
@@ -255,7 +253,3 @@ class Q4InputMajor:
         u = torch.stack([tiles & 0xF, tiles >> 4], dim=2).reshape(n_in, -1)[:, :out].t().float()  # (out, in)
         zero = self.zero[:, :out].t() if self.zero is not None else torch.full((out, self.scale.shape[0]), 8.0)
         return (u - zero.repeat_interleave(self.group_size, dim=1)) * self.scale[:, :out].t().repeat_interleave(self.group_size, dim=1)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
