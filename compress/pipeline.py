@@ -374,12 +374,8 @@ class _BlockCompressor:
             gram.update(x)
             if norms is not None:
                 norms.update(x)
-            if hists is not None:  # |x| histograms per position band (of the gate activations for CHESS's gated MLPs)
-                a = gate_activation(x, self.up_outputs[name][1].value) if name in self.up_outputs else x
-                if self.recipe.act.scale == "token":
-                    a = a / token_rms(a)
-                for hist, band in zip(hists, band_slices(self.act_edges, a.shape[-2])):
-                    hist.update(a[..., band, :].reshape(-1, a.shape[-1])[:: self.hist_stride])
+            if hists is not None:
+                self._feed_histograms(name, x, hists)
             if self._stop_at is None:
                 self._park(g)
             elif g == self._stop_at:
@@ -388,6 +384,20 @@ class _BlockCompressor:
                 raise RuntimeError(f"{self.block_name}: group {self.groups[g]} ran before {self.groups[self._stop_at]}")
         sparsifier = self.sparsifiers.get(name)
         return sparsifier(module, args) if sparsifier else None
+
+    def _feed_histograms(self, name: str, x: torch.Tensor, hists: list[AbsHistogram]) -> None:
+        """|x| histograms per position band (of the gate activations for CHESS's gated MLPs), over every
+        ``hist_stride``-th token, relative to each token's RMS with ``--act-scale token``. Only the sampled
+        tokens are transformed, and nothing outlives the call: the worker parks right after it, and a copy of
+        its chunk kept alive there is a copy per parked chunk."""
+        up = self.up_outputs[name][1].value if name in self.up_outputs else None
+        for hist, band in zip(hists, band_slices(self.act_edges, x.shape[-2])):
+            a = x[..., band, :].reshape(-1, x.shape[-1])[:: self.hist_stride]
+            if up is not None:
+                a = gate_activation(a, up[..., band, :].reshape(-1, up.shape[-1])[:: self.hist_stride])
+            if self.recipe.act.scale == "token":
+                a = a / token_rms(a)
+            hist.update(a)
 
     def _new_stats(self, g: int, in_features: int) -> tuple[Gram, SquaredNorms | None, list[AbsHistogram] | None]:
         """Accumulators for group ``g``'s input. Mean squares only for methods that read them, and not when
