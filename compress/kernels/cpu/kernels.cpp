@@ -206,7 +206,7 @@ void q4_sparse24_portable(const QArgs& a, int64_t t0, int64_t t1) {
 
 __attribute__((target("avx2,fma"))) void q4_sparse24_avx2(const QArgs& a, int64_t t0, int64_t t1) {
   const int64_t groups = a.in / a.group, runs = a.in / 4;
-  const __m256i low = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3), four = _mm256_set1_epi32(4);
+  const __m256i low = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t b = 0; b < a.batch; ++b) {
       const float* x = a.x + b * a.in;
@@ -216,19 +216,21 @@ __attribute__((target("avx2,fma"))) void q4_sparse24_avx2(const QArgs& a, int64_
           const __m256 z = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE + 8 * h) : _mm256_set1_ps(8.f);
           __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
           for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 2) {  // 8 inputs: runs k, k+1
-            const __m256 xv = _mm256_loadu_ps(x + 4 * k);
+            // run k's inputs sit in lanes 0-3 of xa, run k+1's in lanes 0-3 of xb, so each of the position byte's
+            // four 2-bit fields (p0 | p1 << 2 | p0' << 4 | p1' << 6) is an index after one shift and one mask
+            const __m256 xa = _mm256_castps128_ps256(_mm_loadu_ps(x + 4 * k));  // upper lanes: never indexed
+            const __m256 xb = _mm256_castps128_ps256(_mm_loadu_ps(x + 4 * k + 4));
             const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.pos + (t * (runs / 2) + k / 2) * TILE + 8 * h)));
-            for (int q = 0; q < 2; ++q) {
-              const __m256i code = _mm256_and_si256(_mm256_srli_epi32(p, 4 * q), low);
-              const __m256i base = q ? four : _mm256_setzero_si256();
-              const __m256i i0 = _mm256_add_epi32(_mm256_and_si256(code, three), base);
-              const __m256i i1 = _mm256_add_epi32(_mm256_srli_epi32(code, 2), base);
-              const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.data + (t * runs + k + q) * TILE + 8 * h)));
-              const __m256 w0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d, low)), z);
-              const __m256 w1 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d, 4)), z);
-              acc0 = _mm256_fmadd_ps(w0, _mm256_permutevar8x32_ps(xv, i0), acc0);
-              acc1 = _mm256_fmadd_ps(w1, _mm256_permutevar8x32_ps(xv, i1), acc1);
-            }
+            const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.data + (t * runs + k) * TILE + 8 * h)));
+            const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.data + (t * runs + k + 1) * TILE + 8 * h)));
+            const __m256 xk0 = _mm256_permutevar8x32_ps(xa, _mm256_and_si256(p, three));
+            const __m256 xk1 = _mm256_permutevar8x32_ps(xa, _mm256_and_si256(_mm256_srli_epi32(p, 2), three));
+            const __m256 xl0 = _mm256_permutevar8x32_ps(xb, _mm256_and_si256(_mm256_srli_epi32(p, 4), three));
+            const __m256 xl1 = _mm256_permutevar8x32_ps(xb, _mm256_srli_epi32(p, 6));
+            acc0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d0, low)), z), xk0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), z), xk1, acc1);
+            acc0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d1, low)), z), xl0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), z), xl1, acc1);
           }
           const __m256 s = _mm256_loadu_ps(a.scale + (t * groups + g) * TILE + 8 * h);
           y[h] = _mm256_fmadd_ps(s, _mm256_add_ps(acc0, acc1), y[h]);
