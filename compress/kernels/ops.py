@@ -19,14 +19,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
-def _compiled(x2: torch.Tensor):
-    kernels = ops()
-    return kernels if kernels is not None and x2.device.type == "cpu" else None
-
-
 def _use_kernel(x2: torch.Tensor):
-    k = _compiled(x2)
-    return k if k is not None and x2.shape[0] <= MAX_KERNEL_BATCH else None
+    """The compiled kernels if they exist and take ``x2`` (rows on the CPU, at most ``MAX_KERNEL_BATCH``)."""
+    k = ops()
+    return k if k is not None and x2.device.type == "cpu" and x2.shape[0] <= MAX_KERNEL_BATCH else None
 
 
 def q4_dense_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
