@@ -206,39 +206,51 @@ void q4_sparse24_portable(const QArgs& a, int64_t t0, int64_t t1) {
 
 __attribute__((target("avx2,fma"))) void q4_sparse24_avx2(const QArgs& a, int64_t t0, int64_t t1) {
   const int64_t groups = a.in / a.group, runs = a.in / 4;
-  const __m256i low = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3);
+  const __m256i low = _mm256_set1_epi32(15);
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t b = 0; b < a.batch; ++b) {
       const float* x = a.x + b * a.in;
-      __m256 y[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+      __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {
-        for (int h = 0; h < 2; ++h) {  // the tile's two halves of 8 rows
-          const __m256 z = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE + 8 * h) : _mm256_set1_ps(8.f);
-          __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-          for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 2) {  // 8 inputs: runs k, k+1
-            // run k's inputs sit in lanes 0-3 of xa, run k+1's in lanes 0-3 of xb, so each of the position byte's
-            // four 2-bit fields (p0 | p1 << 2 | p0' << 4 | p1' << 6) is an index after one shift and one mask
-            const __m256 xa = _mm256_castps128_ps256(_mm_loadu_ps(x + 4 * k));  // upper lanes: never indexed
-            const __m256 xb = _mm256_castps128_ps256(_mm_loadu_ps(x + 4 * k + 4));
-            const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.pos + (t * (runs / 2) + k / 2) * TILE + 8 * h)));
-            const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.data + (t * runs + k) * TILE + 8 * h)));
-            const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a.data + (t * runs + k + 1) * TILE + 8 * h)));
-            const __m256 xk0 = _mm256_permutevar8x32_ps(xa, _mm256_and_si256(p, three));
-            const __m256 xk1 = _mm256_permutevar8x32_ps(xa, _mm256_and_si256(_mm256_srli_epi32(p, 2), three));
-            const __m256 xl0 = _mm256_permutevar8x32_ps(xb, _mm256_and_si256(_mm256_srli_epi32(p, 4), three));
-            const __m256 xl1 = _mm256_permutevar8x32_ps(xb, _mm256_srli_epi32(p, 6));
-            acc0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d0, low)), z), xk0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), z), xk1, acc1);
-            acc0 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d1, low)), z), xl0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), z), xl1, acc1);
+        const float* zg = a.zero ? a.zero + (t * groups + g) * TILE : nullptr;
+        const __m256 z0 = zg ? _mm256_loadu_ps(zg) : _mm256_set1_ps(8.f);
+        const __m256 z1 = zg ? _mm256_loadu_ps(zg + 8) : _mm256_set1_ps(8.f);
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+        for (int64_t k = g * a.group / 4; k < (g + 1) * a.group / 4; k += 2) {  // 8 inputs: runs k, k+1
+          // run k's four inputs in both 128-bit halves of xa (run k+1's in xb), picked by vpermilps, which
+          // reads an index's low 2 bits: each 2-bit field of the position byte (p0 | p1 << 2 | p0' << 4 |
+          // p1' << 6) indexes after one shift, with no mask. (The cross-lane vpermps cost a third more time
+          // on Zen 3; the x loads and code streams are shared by the tile's two halves of 8 rows.)
+          const __m256 xa = _mm256_broadcast_ps((const __m128*)(x + 4 * k));
+          const __m256 xb = _mm256_broadcast_ps((const __m128*)(x + 4 * k + 4));
+          const uint8_t* pp = a.pos + (t * (runs / 2) + k / 2) * TILE;
+          const uint8_t* dp = a.data + (t * runs + k) * TILE;
+          _mm_prefetch((const char*)(pp + PREFETCH), _MM_HINT_T0);
+          _mm_prefetch((const char*)(dp + PREFETCH), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {  // the tile's two halves of 8 rows
+            const __m256 z = h ? z1 : z0;
+            const __m256i p = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(pp + 8 * h)));
+            const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(dp + 8 * h)));
+            const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(dp + TILE + 8 * h)));
+            const __m256 xk0 = _mm256_permutevar_ps(xa, p);
+            const __m256 xk1 = _mm256_permutevar_ps(xa, _mm256_srli_epi32(p, 2));
+            const __m256 xl0 = _mm256_permutevar_ps(xb, _mm256_srli_epi32(p, 4));
+            const __m256 xl1 = _mm256_permutevar_ps(xb, _mm256_srli_epi32(p, 6));
+            __m256& u = h ? a1 : a0;
+            __m256& v = h ? c1 : c0;
+            u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d0, low)), z), xk0, u);
+            v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), z), xk1, v);
+            u = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(d1, low)), z), xl0, u);
+            v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), z), xl1, v);
           }
-          const __m256 s = _mm256_loadu_ps(a.scale + (t * groups + g) * TILE + 8 * h);
-          y[h] = _mm256_fmadd_ps(s, _mm256_add_ps(acc0, acc1), y[h]);
         }
+        const float* s = a.scale + (t * groups + g) * TILE;
+        y0 = _mm256_fmadd_ps(_mm256_loadu_ps(s), _mm256_add_ps(a0, c0), y0);
+        y1 = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8), _mm256_add_ps(a1, c1), y1);
       }
       float lanes[TILE];
-      _mm256_storeu_ps(lanes, y[0]);
-      _mm256_storeu_ps(lanes + 8, y[1]);
+      _mm256_storeu_ps(lanes, y0);
+      _mm256_storeu_ps(lanes + 8, y1);
       store_tile(a, t, b, lanes);
     }
   }
