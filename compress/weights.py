@@ -44,12 +44,13 @@ def needs_norms(recipe: Recipe) -> bool:
 
 def _prune(W: torch.Tensor, stats: InputStats, recipe: Recipe) -> torch.Tensor:
     prune = recipe.prune
-    W_hat = get(prune.method).apply(W, stats, prune)
+    method = get(prune.method)
+    W_hat = method.apply(W, stats, prune)
     if prune.refine == "dsnot":
         if stats.mean is None:
             raise ValueError("DSnoT needs the inputs' channel means: collect them (SquaredNorms(with_mean=True))")
         W_hat = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, prune.pattern, prune.refine_cycles,
-                             prune.refine_var_power)
+                             prune.refine_var_power, fit=method.updates_weights)
     elif prune.refine == "swap":
         W_hat = swap.refine(W, W_hat, stats.G, prune.pattern, prune.refine_cycles)
     return W_hat

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compress import models
+from compress import models, weights
 from compress.calibration.selfgen import generate_calibration, nucleus, sample
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.cli import app
@@ -74,6 +74,35 @@ def test_dsnot_moves_the_expected_error_towards_zero_and_stops_on_a_converged_ro
     assert float(e_after.mean()) < float(e_before.mean())
     again = dsnot.refine(W, refined, stats.G, stats.mean, stats.sq, Pattern(0.6), cycles=1)
     assert reconstruction_error(W, again, stats.G) <= reconstruction_error(W, refined, stats.G)
+
+
+@pytest.mark.parametrize("pattern", [Pattern(0.6), Pattern(0.7), Pattern(0.5, 4, 8)])
+def test_dsnot_after_sparsegpt_revives_at_fitted_values_and_beats_dense_revival(pattern):
+    """SparseGPT's kept weights already compensate for the pruned ones: a weight revived at its dense value
+    counts that twice; at the row's error-minimizing value it lowers the error further."""
+    dense_errors, fitted_errors, swaps = [], [], 0
+    for seed in (3, 4, 5):
+        W, _, stats = _shifted_layer(seed=seed)
+        W_hat = METHODS["sparsegpt"].apply(W, stats, PruneConfig("sparsegpt", pattern))
+        dense = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, pattern)
+        fitted = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, pattern, fit=True)
+        assert torch.equal((fitted == 0).sum(1), (W_hat == 0).sum(1))
+        if pattern.is_nm:
+            assert ((fitted != 0).reshape(W.shape[0], -1, pattern.m).sum(-1) == pattern.n).all()
+        revived = (W_hat == 0) & (fitted != 0)
+        swaps += int(revived.sum())
+        assert not (fitted[revived] == W[revived]).any()  # fitted, not dense values
+        assert reconstruction_error(W, fitted, stats.G) <= reconstruction_error(W, W_hat, stats.G)
+        dense_errors.append(reconstruction_error(W, dense, stats.G))
+        fitted_errors.append(reconstruction_error(W, fitted, stats.G))
+        # the pipeline's path (weights._prune) fits after SparseGPT and keeps dense values after Wanda
+        recipe = Recipe(prune=PruneConfig("sparsegpt", pattern, refine="dsnot"))
+        assert torch.equal(weights._prune(W, stats, recipe), fitted)
+        wanda_hat = METHODS["wanda"].apply(W, stats, PruneConfig("wanda", pattern))
+        recipe = Recipe(prune=PruneConfig("wanda", pattern, refine="dsnot"))
+        assert torch.equal(weights._prune(W, stats, recipe),
+                           dsnot.refine(W, wanda_hat, stats.G, stats.mean, stats.sq, pattern))
+    assert swaps > 0 and sum(fitted_errors) < sum(dense_errors)
 
 
 def _swap_reference(W, W_hat, G, pattern, cycles):

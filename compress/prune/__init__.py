@@ -73,6 +73,7 @@ class Method:
     summary: str
     needs_hessian: bool = False  # False: the Gram matrix only measures the error, a token subsample will do
     uses_norms: bool = False  # reads the inputs' mean squares (InputStats.sq)
+    updates_weights: bool = False  # the kept weights leave their dense values (DSnoT then fits revived ones)
 
 
 def _scorer(score_fn, default_scope: str):
@@ -97,7 +98,7 @@ METHODS: dict[str, Method] = {
         Method("wanda", _scorer(wanda.score, "row"), "row", "|W|·‖X_j‖₂, per output row (Sun et al. 2023)",
                uses_norms=True),
         Method("sparsegpt", _sparsegpt, "block", "OBS with weight update, 128-column blocks (Frantar & Alistarh 2023)",
-               needs_hessian=True),
+               needs_hessian=True, updates_weights=True),
     )
 }
 

@@ -11,6 +11,12 @@ count of its group of ``m``):
 - prune the kept weight ``k`` (in ``j``'s group of ``m`` for N:M) that Wanda ranks lowest among those whose
   removal also moves ``e_i`` towards zero, ``sign(Ŵ_ik E[x_k]) = -sign(e_i)``.
 
+DSnoT revives a weight at its dense value, which fits an update-free start (Wanda, magnitude). After SparseGPT
+the kept weights already compensate for the pruned ones, and the dense value counts that twice; with ``fit``
+a pruned weight's candidate value is instead the one that minimizes the row's error given the rest of the
+row, ``v_j / G_jj`` with ``v = (W - Ŵ) G``, and both of DSnoT's growing tests above read that value in place
+of ``W_ij``.
+
 The paper stops a row on its expected error alone. Here a swap is taken only if it lowers the row's exact
 reconstruction error on the calibration inputs, ``(W_i - Ŵ_i) G (W_i - Ŵ_i)ᵀ`` with the inputs' Gram matrix
 ``G``, a rank-two update of ``v = (W - Ŵ) G`` per swap; a row stops at its first refused proposal. So the
@@ -26,7 +32,7 @@ from compress.config import Pattern
 
 
 def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Tensor, sq: torch.Tensor,
-           pattern: Pattern, cycles: int = 50, var_power: float = 1.0) -> torch.Tensor:
+           pattern: Pattern, cycles: int = 50, var_power: float = 1.0, fit: bool = False) -> torch.Tensor:
     """Refine the pruned ``W_hat`` of dense ``W`` (both ``(out, in)`` fp32) by DSnoT swaps (module docstring).
 
     Args:
@@ -35,10 +41,12 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
         pattern: the pruning pattern; N:M swaps stay inside a group of ``m``.
         cycles: at most this many swaps per row.
         var_power: ``p`` in the growing score ``|W E[x]| / Var[x]^p``.
+        fit: revive weights at their error-minimizing value rather than their dense one (for a start whose
+            kept weights were updated, as SparseGPT's).
 
     Returns:
         A new ``(out, in)`` tensor with the same number of zeros per row (and per N:M group) as ``W_hat``;
-        revived weights take their dense values, the kept ones keep ``W_hat``'s.
+        revived weights take their dense (or, with ``fit``, fitted) values, the kept ones keep ``W_hat``'s.
     """
     W, W_hat = W.float(), W_hat.float().clone()
     G, mean, sq = G.double(), mean.double(), sq.double()  # fp64: the swap test must not drift over cycles
@@ -55,20 +63,31 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
     v = delta @ G  # (out, in): the row's error gradient, updated by rank-two steps
     active = pruned.any(1) & (~pruned).any(1)
     group = torch.arange(W.shape[1], device=W.device) // pattern.m if pattern.is_nm else None
+    diag = G.diagonal()
+    inv_diag = torch.where(diag > 0, 1 / diag.clamp_min(1e-300), 0)  # a dead input: reviving changes nothing
+    inv_var = var.pow(-var_power).float()
     for _ in range(cycles):
         r = active.nonzero().squeeze(1)
         if r.numel() == 0:
             break
         s = torch.sign(e[r]).unsqueeze(1)  # (rows, 1)
-        grow_ok = growable[r] & (grow_sign[r] == s)
-        j = torch.where(grow_ok, grow_score[r], -torch.inf).argmax(1)
+        if fit:  # each pruned weight's error-minimizing value given the rest of its row
+            value = torch.where(pruned[r], v[r] * inv_diag, 0)
+            grow_ok = (value != 0) & (torch.sign(value * mean) == s)
+            score = (value * mean).abs().float() * inv_var
+            value = value.float()
+        else:
+            value, score = W[r], grow_score[r]
+            grow_ok = growable[r] & (grow_sign[r] == s)
+        j = torch.where(grow_ok, score, -torch.inf).argmax(1)
         prune_ok = ~pruned[r] & (prune_sign[r] == -s)
         if group is not None:
             prune_ok &= group.unsqueeze(0) == group[j].unsqueeze(1)
         k = torch.where(prune_ok, wanda[r], torch.inf).argmin(1)
         rows = torch.arange(r.numel(), device=W.device)
         found = grow_ok[rows, j] & prune_ok[rows, k]
-        a_j = -W[r, j].double()  # delta_j: W_j -> 0
+        revived = value[rows, j]
+        a_j = -revived.double()  # delta_j: W_j -> W_j - revived
         a_k = W_hat[r, k].double()  # delta_k: W_k - Ŵ_k -> W_k
         change = (2 * (a_j * v[r, j] + a_k * v[r, k]) + a_j.square() * G[j, j] + a_k.square() * G[k, k]
                   + 2 * a_j * a_k * G[j, k])
@@ -76,12 +95,12 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
         active[r[~take]] = False
         if not take.any():
             break
-        r, j, k, a_j, a_k = r[take], j[take], k[take], a_j[take], a_k[take]
-        W_hat[r, j], W_hat[r, k] = W[r, j], 0
+        r, j, k, a_j, a_k, revived = r[take], j[take], k[take], a_j[take], a_k[take], revived[take]
+        W_hat[r, j], W_hat[r, k] = revived, 0
         pruned[r, j], pruned[r, k] = False, True
         growable[r, j], growable[r, k] = False, W[r, k] != 0
-        prune_sign[r, j] = grow_sign[r, j]
-        wanda[r, j], wanda[r, k] = W[r, j].abs() * norms[j], 0
+        prune_sign[r, j] = torch.sign(revived.double() * mean[j])
+        wanda[r, j], wanda[r, k] = revived.abs() * norms[j], 0
         v[r] += a_j.unsqueeze(1) * G[j] + a_k.unsqueeze(1) * G[k]
         e[r] += a_j * mean[j] + a_k * mean[k]
     return W_hat
