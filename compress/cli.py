@@ -103,9 +103,10 @@ def prune(
     refine: Annotated[Optional[str], typer.Option(help="After pruning, training-free prune-and-grow swaps per row "
                                                   "on every pruned linear, MLP and attention, counts per row and "
                                                   "N:M group kept: dsnot (DSnoT's rule from channel means; Zhang "
-                                                  "et al. 2023) | swap (ranked on the exact calibration error, "
-                                                  "revived weights at their best value: for SparseGPT's updated "
-                                                  "weights).")] = None,
+                                                  "et al. 2023; after SparseGPT revived weights take their "
+                                                  "error-minimizing value, not their dense one) | swap (ranked on "
+                                                  "the exact calibration error, revived weights at their best "
+                                                  "value).")] = None,
     refine_cycles: Annotated[int, typer.Option(help="--refine: at most this many swaps per row.")] = 50,
     refine_var_power: Annotated[float, typer.Option(help="DSnoT: growing score |W·mean(x)| / var(x)^p.")] = 1.0,
     self_temperature: Annotated[float, typer.Option(help="--calib self: sampling temperature.")] = 1.0,
