@@ -51,13 +51,11 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
     W, W_hat = W.float(), W_hat.float().clone()
     G, mean, sq = G.double(), mean.double(), sq.double()  # fp64: the swap test must not drift over cycles
     var = (sq - mean.square()).clamp_min(1e-12 * float(sq.max().clamp_min(1e-30)))
-    grow_score = ((W * mean).abs() / var.pow(var_power)).float()  # (out, in)
-    grow_sign = torch.sign(W.double() * mean)  # what reviving a weight does to e (with a minus)
+    var_pow = var.pow(var_power)
     prune_sign = torch.sign(W_hat.double() * mean)  # what pruning a kept weight does to e; kept entries only
     norms = sq.clamp_min(0).sqrt().float()
     wanda = W_hat.abs() * norms  # Wanda's score of the kept weights
     pruned = W_hat == 0
-    growable = pruned & (W != 0)
     delta = (W - W_hat).double()
     e = delta @ mean  # (out,) expected output error of each row
     v = delta @ G  # (out, in): the row's error gradient, updated by rank-two steps
@@ -65,21 +63,16 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
     group = torch.arange(W.shape[1], device=W.device) // pattern.m if pattern.is_nm else None
     diag = G.diagonal()
     inv_diag = torch.where(diag > 0, 1 / diag.clamp_min(1e-300), 0)  # a dead input: reviving changes nothing
-    inv_var = var.pow(-var_power).float()
     for _ in range(cycles):
         r = active.nonzero().squeeze(1)
         if r.numel() == 0:
             break
         s = torch.sign(e[r]).unsqueeze(1)  # (rows, 1)
-        if fit:  # each pruned weight's error-minimizing value given the rest of its row
-            value = torch.where(pruned[r], v[r] * inv_diag, 0)
-            grow_ok = (value != 0) & (torch.sign(value * mean) == s)
-            score = (value * mean).abs().float() * inv_var
-            value = value.float()
-        else:
-            value, score = W[r], grow_score[r]
-            grow_ok = growable[r] & (grow_sign[r] == s)
-        j = torch.where(grow_ok, score, -torch.inf).argmax(1)
+        # the value each pruned weight would be revived at: its dense one, or with ``fit`` the one minimizing the
+        # row's error given the rest of the row; reviving it moves e by -value·E[x] (0: nothing to revive)
+        value = torch.where(pruned[r], (v[r] * inv_diag).float() if fit else W[r], 0)
+        grow_ok = (value != 0) & (torch.sign(value * mean) == s)
+        j = torch.where(grow_ok, ((value * mean).abs() / var_pow).float(), -torch.inf).argmax(1)
         prune_ok = ~pruned[r] & (prune_sign[r] == -s)
         if group is not None:
             prune_ok &= group.unsqueeze(0) == group[j].unsqueeze(1)
@@ -98,7 +91,6 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
         r, j, k, a_j, a_k, revived = r[take], j[take], k[take], a_j[take], a_k[take], revived[take]
         W_hat[r, j], W_hat[r, k] = revived, 0
         pruned[r, j], pruned[r, k] = False, True
-        growable[r, j], growable[r, k] = False, W[r, k] != 0
         prune_sign[r, j] = torch.sign(revived.double() * mean[j])
         wanda[r, j], wanda[r, k] = revived.abs() * norms[j], 0
         v[r] += a_j.unsqueeze(1) * G[j] + a_k.unsqueeze(1) * G[k]
