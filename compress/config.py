@@ -119,7 +119,8 @@ class PruneConfig:
             ``pattern.sparsity``.
         refine: refine each pruned layer's mask by prune-and-grow swaps, ``dsnot`` (``compress.prune.dsnot``)
             or ``swap`` (ranked on the exact error, ``compress.prune.swap``), or ``None``.
-        refine_cycles, refine_var_power: swaps per row at most, and DSnoT's variance exponent.
+        refine_cycles, refine_var_power: proposals (DSnoT) or swaps (swap) per row at most, and DSnoT's
+            variance exponent.
     """
 
     method: str

@@ -76,6 +76,20 @@ def test_dsnot_moves_the_expected_error_towards_zero_and_stops_on_a_converged_ro
     assert reconstruction_error(W, again, stats.G) <= reconstruction_error(W, refined, stats.G)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_dsnot_goes_on_down_the_ranking_past_a_refused_proposal(method):
+    """A row whose best-ranked swap would raise the exact error sets that candidate aside and tries the next."""
+    W, _, stats = _shifted_layer(seed=4)
+    pattern = Pattern(0.6)
+    W_hat = METHODS[method].apply(W, stats, PruneConfig(method, pattern))
+    fit = METHODS[method].updates_weights
+    first = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, pattern, cycles=1, fit=fit)
+    full = dsnot.refine(W, W_hat, stats.G, stats.mean, stats.sq, pattern, cycles=50, fit=fit)
+    refused_first = (first == W_hat).all(1)  # rows whose first proposal was refused (or had none)
+    assert (refused_first & (full != W_hat).any(1)).sum() >= 3
+    assert reconstruction_error(W, full, stats.G) < reconstruction_error(W, first, stats.G)
+
+
 @pytest.mark.parametrize("pattern", [Pattern(0.6), Pattern(0.7), Pattern(0.5, 4, 8)])
 def test_dsnot_after_sparsegpt_revives_at_fitted_values_and_beats_dense_revival(pattern):
     """SparseGPT's kept weights already compensate for the pruned ones: a weight revived at its dense value

@@ -17,10 +17,12 @@ a pruned weight's candidate value is instead the one that minimizes the row's er
 row, ``v_j / G_jj`` with ``v = (W - Ŵ) G``, and both of DSnoT's growing tests above read that value in place
 of ``W_ij``.
 
-The paper stops a row on its expected error alone. Here a swap is taken only if it lowers the row's exact
-reconstruction error on the calibration inputs, ``(W_i - Ŵ_i) G (W_i - Ŵ_i)ᵀ`` with the inputs' Gram matrix
-``G``, a rank-two update of ``v = (W - Ŵ) G`` per swap; a row stops at its first refused proposal. So the
-refinement never raises the error the report measures, whatever the calibration data. It applies to every
+The paper walks each row down its ranked candidates and stops it on its expected error alone. Here a swap is
+taken only if it also lowers the row's exact reconstruction error on the calibration inputs,
+``(W_i - Ŵ_i) G (W_i - Ŵ_i)ᵀ`` with the inputs' Gram matrix ``G``, a rank-two update of ``v = (W - Ŵ) G`` per
+swap. A refused proposal sets its grown candidate aside for that row, and the row goes on down the ranking;
+it stops when no weight passes the growing test or after ``cycles`` proposals. So the refinement never raises the
+error the report measures, whatever the calibration data. It applies to every
 linear it is given, MLP and attention alike (the reference code skips the MLP's by default).
 """
 
@@ -39,7 +41,7 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
         G: ``(in, in)`` mean Gram matrix of the calibration inputs.
         mean, sq: ``(in,)`` mean and mean square of each input channel.
         pattern: the pruning pattern; N:M swaps stay inside a group of ``m``.
-        cycles: at most this many swaps per row.
+        cycles: at most this many proposals per row, taken or refused.
         var_power: ``p`` in the growing score ``|W E[x]| / Var[x]^p``.
         fit: revive weights at their error-minimizing value rather than their dense one (for a start whose
             kept weights were updated, as SparseGPT's).
@@ -60,6 +62,7 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
     e = delta @ mean  # (out,) expected output error of each row
     v = delta @ G  # (out, in): the row's error gradient, updated by rank-two steps
     active = pruned.any(1) & (~pruned).any(1)
+    refused = torch.zeros_like(pruned)  # grown candidates whose swap a row refused: not proposed again
     group = torch.arange(W.shape[1], device=W.device) // pattern.m if pattern.is_nm else None
     diag = G.diagonal()
     inv_diag = torch.where(diag > 0, 1 / diag.clamp_min(1e-300), 0)  # a dead input: reviving changes nothing
@@ -71,23 +74,23 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
         # the value each pruned weight would be revived at: its dense one, or with ``fit`` the one minimizing the
         # row's error given the rest of the row; reviving it moves e by -value·E[x] (0: nothing to revive)
         value = torch.where(pruned[r], (v[r] * inv_diag).float() if fit else W[r], 0)
-        grow_ok = (value != 0) & (torch.sign(value * mean) == s)
+        grow_ok = (value != 0) & (torch.sign(value * mean) == s) & ~refused[r]
         j = torch.where(grow_ok, ((value * mean).abs() / var_pow).float(), -torch.inf).argmax(1)
         prune_ok = ~pruned[r] & (prune_sign[r] == -s)
         if group is not None:
             prune_ok &= group.unsqueeze(0) == group[j].unsqueeze(1)
         k = torch.where(prune_ok, wanda[r], torch.inf).argmin(1)
         rows = torch.arange(r.numel(), device=W.device)
-        found = grow_ok[rows, j] & prune_ok[rows, k]
+        proposed = grow_ok[rows, j]
+        found = proposed & prune_ok[rows, k]
         revived = value[rows, j]
         a_j = -revived.double()  # delta_j: W_j -> W_j - revived
         a_k = W_hat[r, k].double()  # delta_k: W_k - Ŵ_k -> W_k
         change = (2 * (a_j * v[r, j] + a_k * v[r, k]) + a_j.square() * G[j, j] + a_k.square() * G[k, k]
                   + 2 * a_j * a_k * G[j, k])
         take = found & (change < 0)
-        active[r[~take]] = False
-        if not take.any():
-            break
+        active[r[~proposed]] = False
+        refused[r[proposed & ~take], j[proposed & ~take]] = True
         r, j, k, a_j, a_k, revived = r[take], j[take], k[take], a_j[take], a_k[take], revived[take]
         W_hat[r, j], W_hat[r, k] = revived, 0
         pruned[r, j], pruned[r, k] = False, True
