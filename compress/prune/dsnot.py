@@ -66,32 +66,33 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
     group = torch.arange(W.shape[1], device=W.device) // pattern.m if pattern.is_nm else None
     diag = G.diagonal()
     inv_diag = torch.where(diag > 0, 1 / diag.clamp_min(1e-300), 0)  # a dead input: reviving changes nothing
+    rows = torch.arange(W.shape[0], device=W.device)
+    # Every cycle works on all rows (a stopped row proposes but never takes): tensors of one shape per layer,
+    # which the pipeline's block cache reuses, where shrinking row subsets left a new size each cycle.
     for _ in range(cycles):
-        r = active.nonzero().squeeze(1)
-        if r.numel() == 0:
+        if not active.any():
             break
-        s = torch.sign(e[r]).unsqueeze(1)  # (rows, 1)
+        s = torch.sign(e).unsqueeze(1)  # (out, 1)
         # the value each pruned weight would be revived at: its dense one, or with ``fit`` the one minimizing the
         # row's error given the rest of the row; reviving it moves e by -value·E[x] (0: nothing to revive)
-        value = torch.where(pruned[r], (v[r] * inv_diag).float() if fit else W[r], 0)
-        grow_ok = (value != 0) & (torch.sign(value * mean) == s) & ~refused[r]
+        value = torch.where(pruned, (v * inv_diag).float() if fit else W, 0)
+        grow_ok = (value != 0) & (torch.sign(value * mean) == s) & ~refused
         j = torch.where(grow_ok, ((value * mean).abs() / var_pow).float(), -torch.inf).argmax(1)
-        prune_ok = ~pruned[r] & (prune_sign[r] == -s)
+        prune_ok = ~pruned & (prune_sign == -s)
         if group is not None:
             prune_ok &= group.unsqueeze(0) == group[j].unsqueeze(1)
-        k = torch.where(prune_ok, wanda[r], torch.inf).argmin(1)
-        rows = torch.arange(r.numel(), device=W.device)
-        proposed = grow_ok[rows, j]
+        k = torch.where(prune_ok, wanda, torch.inf).argmin(1)
+        proposed = active & grow_ok[rows, j]
         found = proposed & prune_ok[rows, k]
         revived = value[rows, j]
         a_j = -revived.double()  # delta_j: W_j -> W_j - revived
-        a_k = W_hat[r, k].double()  # delta_k: W_k - Ŵ_k -> W_k
-        change = (2 * (a_j * v[r, j] + a_k * v[r, k]) + a_j.square() * G[j, j] + a_k.square() * G[k, k]
+        a_k = W_hat[rows, k].double()  # delta_k: W_k - Ŵ_k -> W_k
+        change = (2 * (a_j * v[rows, j] + a_k * v[rows, k]) + a_j.square() * G[j, j] + a_k.square() * G[k, k]
                   + 2 * a_j * a_k * G[j, k])
         take = found & (change < 0)
-        active[r[~proposed]] = False
-        refused[r[proposed & ~take], j[proposed & ~take]] = True
-        r, j, k, a_j, a_k, revived = r[take], j[take], k[take], a_j[take], a_k[take], revived[take]
+        active &= proposed
+        refused[rows[proposed & ~take], j[proposed & ~take]] = True
+        r, j, k, a_j, a_k, revived = rows[take], j[take], k[take], a_j[take], a_k[take], revived[take]
         W_hat[r, j], W_hat[r, k] = revived, 0
         pruned[r, j], pruned[r, k] = False, True
         prune_sign[r, j] = torch.sign(revived.double() * mean[j])
