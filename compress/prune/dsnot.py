@@ -21,9 +21,9 @@ The paper walks each row down its ranked candidates and stops it on its expected
 taken only if it also lowers the row's exact reconstruction error on the calibration inputs,
 ``(W_i - Ŵ_i) G (W_i - Ŵ_i)ᵀ`` with the inputs' Gram matrix ``G``, a rank-two update of ``v = (W - Ŵ) G`` per
 swap. A refused proposal sets its grown candidate aside for that row, and the row goes on down the ranking;
-it stops when no weight passes the growing test or after ``cycles`` proposals. So the refinement never raises the
-error the report measures, whatever the calibration data. It applies to every
-linear it is given, MLP and attention alike (the reference code skips the MLP's by default).
+it stops when no weight passes the growing test or after ``cycles`` proposals. So the refinement never raises
+the error the report measures, whatever the calibration data. It applies to every linear it is given, MLP and
+attention alike (the reference code skips the MLP's by default).
 """
 
 from __future__ import annotations
