@@ -68,7 +68,7 @@ def main() -> None:
         calib = [] if "--calib" in flags else ["--calib", str(args.data / "valid.txt")]
         timing = timed([sys.executable, "-m", "compress.cli", "prune", str(dense_dir), *flags, *calib,
                         "--nsamples", str(args.nsamples), "--seqlen", str(args.calib_seqlen), "--seed", str(args.seed),
-                        "--device", "cpu", "--out", str(folder), "--overwrite"], folder.parent / f"{folder.name}.log")
+                        "--device", "cpu", "--out", str(folder), "--overwrite"], args.work / f"{folder.name}.log")
         report = json.loads((folder / "compression.json").read_text())["report"]
         errors = [layer["rel_error"] for layer in report["layers"]]
         results[name] = {**timing, "flags": flags, "ppl": evaluate(str(folder), args.data, args.eval_seqlen, args.limit),

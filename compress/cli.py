@@ -107,7 +107,8 @@ def prune(
                                                   "error-minimizing value, not their dense one) | swap (ranked on "
                                                   "the exact calibration error, revived weights at their best "
                                                   "value).")] = None,
-    refine_cycles: Annotated[int, typer.Option(help="--refine: at most this many proposals (dsnot) or swaps (swap) per row.")] = 50,
+    refine_cycles: Annotated[int, typer.Option(help="--refine: at most this many proposals (dsnot) or swaps "
+                                                    "(swap) per row.")] = 50,
     refine_var_power: Annotated[float, typer.Option(help="DSnoT: growing score |W·mean(x)| / var(x)^p.")] = 1.0,
     self_temperature: Annotated[float, typer.Option(help="--calib self: sampling temperature.")] = 1.0,
     self_top_p: Annotated[float, typer.Option(help="--calib self: nucleus sampling mass (1: off).")] = 0.95,

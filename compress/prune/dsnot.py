@@ -76,8 +76,9 @@ def refine(W: torch.Tensor, W_hat: torch.Tensor, G: torch.Tensor, mean: torch.Te
         # the value each pruned weight would be revived at: its dense one, or with ``fit`` the one minimizing the
         # row's error given the rest of the row; reviving it moves e by -value·E[x] (0: nothing to revive)
         value = torch.where(pruned, (v * inv_diag).float() if fit else W, 0)
-        grow_ok = (value != 0) & (torch.sign(value * mean) == s) & ~refused
-        j = torch.where(grow_ok, ((value * mean).abs() / var_pow).float(), -torch.inf).argmax(1)
+        moved = value * mean  # what reviving each weight takes off e
+        grow_ok = (value != 0) & (torch.sign(moved) == s) & ~refused
+        j = torch.where(grow_ok, (moved.abs() / var_pow).float(), -torch.inf).argmax(1)
         prune_ok = ~pruned & (prune_sign == -s)
         if group is not None:
             prune_ok &= group.unsqueeze(0) == group[j].unsqueeze(1)
