@@ -79,11 +79,11 @@ def _prune_args(model: Path, method: str, args) -> list[str]:
 
 def resume_demo(compress_cmd: list[str], model: Path, whole: Path, out: Path, layers: int, args) -> dict:
     """SIGKILL a run once its saved state passes a third of the blocks; resume it; compare weight files."""
-    from compress import export
+    from compress import outputs
 
     cmd = [*compress_cmd, "prune", *_prune_args(model, "wanda", args), "--out", str(out), "--save-every", "0"]
-    partial = export.partial_folder(out)
-    state_file = partial / export.RESUME_STATE
+    partial = outputs.partial_folder(out)
+    state_file = partial / outputs.RESUME_STATE
     with open(args.work / "resume-killed.log", "w") as log:
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         killed_at = None

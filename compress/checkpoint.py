@@ -42,11 +42,35 @@ class _Entry:
     end: int
 
 
+class CheckpointError(ValueError):
+    """A weights file is damaged or does not fit the model: the message names the file and what is wrong."""
+
+
 def read_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    """The JSON header of a safetensors file and the byte offset where its data starts.
+
+    Raises:
+        CheckpointError: the file is not safetensors, or its data is cut short (``check_file``).
+    """
+    file = Path(file)
+    size = file.stat().st_size
     with open(file, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(n)), 8 + n
+        head = fh.read(8)
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+        if n > size - 8:
+            raise CheckpointError(f"{file}: truncated or not a safetensors file ({size} bytes, too short for its "
+                                  f"header): copy or save it again")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as err:
+            raise CheckpointError(f"{file}: damaged safetensors header ({err}): copy or save it again") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: damaged safetensors header (not a JSON object): copy or save it again")
+    data_end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{file}: truncated: {size} bytes where its header describes {8 + n + data_end}: "
+                              f"copy or save it again")
+    return header, 8 + n
 
 
 class Checkpoint:
@@ -60,6 +84,9 @@ class Checkpoint:
         index = self.folder / INDEX_FILE
         if index.is_file():  # the shards the index names, not stray files that happen to sit there
             files = sorted({self.folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise CheckpointError(f"{index}: names {missing[0]} (and {len(missing) - 1} more), which is "
+                                      f"missing: copy the whole model folder again")
         self.entries: dict[str, _Entry] = {}
         for file in files:
             header, start = read_header(file)
@@ -67,6 +94,9 @@ class Checkpoint:
                 if name == "__metadata__":
                     continue
                 begin, end = info["data_offsets"]
+                if info.get("dtype") not in DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name!r} has dtype {info.get('dtype')!r}, which compress "
+                                          f"does not read: save it as F32, F16 or BF16")
                 self.entries[name] = _Entry(file, DTYPES[info["dtype"]], tuple(info["shape"]), start + begin, start + end)
 
     def names(self) -> set[str]:
@@ -86,9 +116,24 @@ class Checkpoint:
                     if t.numel():
                         fh.seek(e.begin)
                         if fh.readinto(t.view(-1).view(torch.uint8).numpy()) != e.end - e.begin:
-                            raise OSError(f"{file}: truncated data for tensor {name!r}")
+                            raise CheckpointError(f"{file}: truncated data for tensor {name!r} (the file changed "
+                                                  f"since it was opened?): copy or save it again")
                     out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
+
+
+def check_shapes(checkpoint: Checkpoint, model: nn.Module) -> None:
+    """Refuse a checkpoint whose tensors do not have the shapes ``model`` (built from its config) declares.
+
+    Raises:
+        CheckpointError: naming the first tensor, its file, both shapes.
+    """
+    for name, declared in model.state_dict().items():
+        entry = checkpoint.entries.get(name)
+        if entry is not None and entry.shape != tuple(declared.shape):
+            raise CheckpointError(f"{entry.file}: tensor {name!r} has shape {list(entry.shape)} where config.json "
+                                  f"makes it {list(declared.shape)}: the weights and the config belong to different "
+                                  f"models")
 
 
 def load_module(checkpoint: Checkpoint, module: nn.Module, prefix: str) -> None:

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,7 +47,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
 
@@ -141,141 +142,150 @@ def prune(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
-    from compress import export, models, pipeline
+    from compress import export, models, outputs, pipeline
     from compress.calibration import selfgen
     from compress.calibration.data import calibration_batches, check_source
     from compress.calibration.stats import resolve_precision
     from safetensors import SafetensorError
 
-    from compress.checkpoint import load_module
+    from compress.checkpoint import CheckpointError, load_module
     from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
     _setup_logging(verbose)
-    try:
-        prune_cfg = None
-        block_sparsity: tuple[float, ...] = ()
-        if allocation not in ("uniform", "owl"):
-            block_sparsity = _read_allocation(Path(allocation))
-            sparsity = sparsity if sparsity is not None else sum(block_sparsity) / len(block_sparsity)
-        if method is not None or sparsity is not None or pattern is not None:
-            method = method or "wanda"
-            prune_methods.get(method)
-            prune_cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
-                                    blocksize=blocksize, dampening=dampening,
-                                    allocation="file" if block_sparsity else allocation, owl_m=owl_m,
-                                    owl_lambda=owl_lambda, block_sparsity=block_sparsity, refine=refine,
-                                    refine_cycles=refine_cycles, refine_var_power=refine_var_power)
-        elif allocation != "uniform" or refine is not None:
-            raise ValueError(f"--allocation/--refine shape pruning: add --method and --sparsity (e.g. --sparsity 0.6)")
-        quant_cfg = None
-        if quant is not None:
-            quant_cfg = QuantConfig.parse(quant, symmetric=quant_sym, method=quant_method, actorder=quant_actorder,
-                                          dampening=dampening, blocksize=blocksize)
-        act_cfg = None
-        if act_sparsity is not None or act_sparsity_file is not None:
-            per_layer = _read_per_layer(act_sparsity_file) if act_sparsity_file else {}
-            act_cfg = ActConfig(sparsity=act_sparsity if act_sparsity is not None else 0.5, method=act_method,
-                                targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill,
-                                positions=act_positions, scale=act_scale)
-        if chunk_samples < 0:
-            raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
-        calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                temperature=self_temperature, top_p=self_top_p)
-        recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg,
-                        quant_lm_head=quant_lm_head, gram_precision=gram_precision,
-                        forward_precision=forward_precision)
-        export.check_format(fmt, recipe)
-        if calib != selfgen.SOURCE:
-            check_source(calib)
-        export.check_output(out, overwrite)
-        dev = models.resolve_device(device)
-        recipe = replace(recipe, gram_precision=resolve_precision(gram_precision, dev),  # compression.json says which
-                         forward_precision=resolve_precision(forward_precision, dev, "--forward-precision"))
-        if max_memory.strip().lower() != "auto":
-            _memory_budget(max_memory, dev)  # a typo fails before the model loads
-        t0 = time.perf_counter()
-        opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
-        lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
-        pipeline.check(lm, recipe)
-        if fmt == "compressed-tensors":
-            export.check_format(fmt, recipe, lm)
-            prefix = models.decoder_blocks(lm)[0]
-            first = (lambda block: load_module(checkpoint, block, f"{prefix}.0")) if checkpoint else None
-            if split := pipeline.split_groups(lm, recipe.ignore, first):
-                raise ValueError(f"--ignore splits {', '.join(split[0])}, which read one input and are fused by "
-                                 f"vLLM: ignore all of them or none")
-        max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
-        if seqlen > max_ctx:
-            log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
-            calib_cfg = replace(calib_cfg, seqlen=max_ctx)
-            recipe = replace(recipe, calib=calib_cfg)
-        if act_cfg is not None:  # compression.json and the resume fingerprint name the bands
-            recipe = replace(recipe, act=act_cfg.resolved(calib_cfg.seqlen))
-        if calib == selfgen.SOURCE:
-            tokens, manifest = _self_calibration(model, dtype, lm, tokenizer, calib_cfg, dev)
-        else:
-            tokens, manifest = calibration_batches(tokenizer, calib_cfg)
-        allocator.release_free_heap()  # what tokenizing the text left free
-        owl_ratios = None
-        if prune_cfg is not None and prune_cfg.allocation == "owl":
-            recipe, owl_ratios = _owl_allocation(lm, tokens, recipe, dev, chunk_samples, checkpoint)
-        plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
-        fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
-        export.check_resume(out, resume, fingerprint)
-        if recipe.act is not None:
-            edges = recipe.act.edges(calib_cfg.seqlen)
-            scale = ("relative to each token's input RMS" if recipe.act.scale == "token" else
-                     "absolute (attention outputs grow with position: --act-scale token keeps the target at every length)")
-            if edges:
-                log.info("activation thresholds per position band, bands from positions 0, %s (the last also serves "
-                         "positions past the %d-token calibration windows), %s", ", ".join(map(str, edges)),
-                         calib_cfg.seqlen, scale)
+    with ExitStack() as held:  # the claim on --out, once taken, is held to the end
+        try:
+            prune_cfg = None
+            block_sparsity: tuple[float, ...] = ()
+            if allocation not in ("uniform", "owl"):
+                block_sparsity = _read_allocation(Path(allocation))
+                sparsity = sparsity if sparsity is not None else sum(block_sparsity) / len(block_sparsity)
+            if method is not None or sparsity is not None or pattern is not None:
+                method = method or "wanda"
+                prune_methods.get(method)
+                prune_cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
+                                        blocksize=blocksize, dampening=dampening,
+                                        allocation="file" if block_sparsity else allocation, owl_m=owl_m,
+                                        owl_lambda=owl_lambda, block_sparsity=block_sparsity, refine=refine,
+                                        refine_cycles=refine_cycles, refine_var_power=refine_var_power)
+            elif allocation != "uniform" or refine is not None:
+                raise ValueError(f"--allocation/--refine shape pruning: add --method and --sparsity (e.g. --sparsity 0.6)")
+            quant_cfg = None
+            if quant is not None:
+                quant_cfg = QuantConfig.parse(quant, symmetric=quant_sym, method=quant_method, actorder=quant_actorder,
+                                              dampening=dampening, blocksize=blocksize)
+            act_cfg = None
+            if act_sparsity is not None or act_sparsity_file is not None:
+                per_layer = _read_per_layer(act_sparsity_file) if act_sparsity_file else {}
+                act_cfg = ActConfig(sparsity=act_sparsity if act_sparsity is not None else 0.5, method=act_method,
+                                    targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill,
+                                    positions=act_positions, scale=act_scale)
+            if chunk_samples < 0:
+                raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
+            calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                    temperature=self_temperature, top_p=self_top_p)
+            recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg,
+                            quant_lm_head=quant_lm_head, gram_precision=gram_precision,
+                            forward_precision=forward_precision)
+            export.check_format(fmt, recipe)
+            if calib != selfgen.SOURCE:
+                check_source(calib)
+            target = held.enter_context(outputs.claim(out, overwrite, inputs=(model, calib)))  # to the final rename
+            dev = models.resolve_device(device)
+            recipe = replace(recipe, gram_precision=resolve_precision(gram_precision, dev),  # compression.json says which
+                             forward_precision=resolve_precision(forward_precision, dev, "--forward-precision"))
+            if max_memory.strip().lower() != "auto":
+                _memory_budget(max_memory, dev)  # a typo fails before the model loads
+            t0 = time.perf_counter()
+            opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
+            lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
+            pipeline.check(lm, recipe)
+            if fmt == "compressed-tensors":
+                export.check_format(fmt, recipe, lm)
+                prefix = models.decoder_blocks(lm)[0]
+                first = (lambda block: load_module(checkpoint, block, f"{prefix}.0")) if checkpoint else None
+                if split := pipeline.split_groups(lm, recipe.ignore, first):
+                    raise ValueError(f"--ignore splits {', '.join(split[0])}, which read one input and are fused by "
+                                     f"vLLM: ignore all of them or none")
+            max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
+            if seqlen > max_ctx:
+                log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
+                calib_cfg = replace(calib_cfg, seqlen=max_ctx)
+                recipe = replace(recipe, calib=calib_cfg)
+            if act_cfg is not None:  # compression.json and the resume fingerprint name the bands
+                recipe = replace(recipe, act=act_cfg.resolved(calib_cfg.seqlen))
+            if calib == selfgen.SOURCE:
+                tokens, manifest = _self_calibration(model, dtype, lm, tokenizer, calib_cfg, dev)
             else:
-                log.info("one activation threshold set per linear, calibrated on %d-token windows, %s",
-                         calib_cfg.seqlen, scale)
-    except ValueError as err:
-        _fail(str(err))
-    log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
-             model, time.perf_counter() - t0, calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.source, seed)
-    log.info("%s", plan.describe())
-    log.info("calibration forwards in %s%s; Gram matrices: %s products summed in fp32", recipe.forward_precision,
-             " (autocast)" if recipe.forward_precision == "bf16" else "", recipe.gram_precision)
+                tokens, manifest = calibration_batches(tokenizer, calib_cfg)
+            allocator.release_free_heap()  # what tokenizing the text left free
+            owl_ratios = None
+            if prune_cfg is not None and prune_cfg.allocation == "owl":
+                recipe, owl_ratios = _owl_allocation(lm, tokens, recipe, dev, chunk_samples, checkpoint)
+            plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
+            fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
+            finished = outputs.check_resume(out, resume, fingerprint)
+            if recipe.act is not None:
+                edges = recipe.act.edges(calib_cfg.seqlen)
+                scale = ("relative to each token's input RMS" if recipe.act.scale == "token" else
+                         "absolute (attention outputs grow with position: --act-scale token keeps the target at every length)")
+                if edges:
+                    log.info("activation thresholds per position band, bands from positions 0, %s (the last also serves "
+                             "positions past the %d-token calibration windows), %s", ", ".join(map(str, edges)),
+                             calib_cfg.seqlen, scale)
+                else:
+                    log.info("one activation threshold set per linear, calibrated on %d-token windows, %s",
+                             calib_cfg.seqlen, scale)
+        except ValueError as err:
+            _fail(str(err))
+        log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
+                 model, time.perf_counter() - t0, calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.source, seed)
+        log.info("%s", plan.describe())
+        log.info("calibration forwards in %s%s; Gram matrices: %s products summed in fp32", recipe.forward_precision,
+                 " (autocast)" if recipe.forward_precision == "bf16" else "", recipe.gram_precision)
 
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-    n_blocks = len(models.decoder_blocks(lm)[1])
-    try:
-        with export.atomic_folder(out, overwrite, resumable=True) as tmp:
-            output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe, fingerprint=fingerprint, save_every=save_every)
-            with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
-                def on_block(block_report, _total):
-                    bar.set_postfix(err=f"{block_report.mean_error:.4f}")
-                    bar.update()
+        n_blocks = len(models.decoder_blocks(lm)[1])
+        try:
+            if finished:  # killed after its output was complete: only the move into place was left
+                with target.writing(resumable=True):
+                    log.info("--resume: %s holds the finished run: moving it into place, nothing recomputed", out)
+                metadata = export.read_metadata(out)
+                _print_prune_summary(pipeline.Report.from_dict(metadata["report"]), out, metadata["storage"])
+                return
+            with target.writing(resumable=True) as tmp:
+                output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe, fingerprint=fingerprint, save_every=save_every)
+                with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
+                    def on_block(block_report, _total):
+                        bar.set_postfix(err=f"{block_report.mean_error:.4f}")
+                        bar.update()
 
-                with allocator.reuse_large_blocks(_block_cache_bytes(plan) if dev.type == "cpu" else 0):
-                    report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
-                                                          on_block=on_block, io=output, bounded=plan.bounded)
-            metadata = {
-                "source_model": model,
-                "recipe": recipe.to_dict(),
-                "format": fmt,
-                "calibration": manifest.to_dict(),
-                **({"owl_outlier_ratios": owl_ratios} if owl_ratios is not None else {}),
-                "device": str(dev),
-                "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
-                                                symmetric=recipe.quant is None or recipe.quant.symmetric,
-                                                sparse24=recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)),
-                "report": report.to_dict(),
-            }
-            output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space,
-                          act_edges=report.act_edges)
-    except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
-        _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
-    except SafetensorError as err:  # the same failures met inside safetensors' writer (e.g. os error 28)
-        _fail(f"writing {out} failed: {err}", 1)
-    log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
-    _print_prune_summary(report, out, metadata["storage"])
+                    with allocator.reuse_large_blocks(_block_cache_bytes(plan) if dev.type == "cpu" else 0):
+                        report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
+                                                              on_block=on_block, io=output, bounded=plan.bounded)
+                metadata = {
+                    "source_model": model,
+                    "recipe": recipe.to_dict(),
+                    "format": fmt,
+                    "calibration": manifest.to_dict(),
+                    **({"owl_outlier_ratios": owl_ratios} if owl_ratios is not None else {}),
+                    "device": str(dev),
+                    "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
+                                                    symmetric=recipe.quant is None or recipe.quant.symmetric,
+                                                    sparse24=recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)),
+                    "report": report.to_dict(),
+                }
+                output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space,
+                              act_edges=report.act_edges)
+        except CheckpointError as err:  # an input file damaged or changed during the run: nothing was written
+            _fail(f"reading {model} failed: {err}")
+        except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
+            _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
+        except SafetensorError as err:  # the same failures met inside safetensors' writer (e.g. os error 28)
+            _fail(f"writing {out} failed: {err}", 1)
+        log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
+        _print_prune_summary(report, out, metadata["storage"])
 
 
 def _block_cache_bytes(plan) -> int:
@@ -452,7 +462,7 @@ def evaluate(
     """Perplexity (the Wanda/SparseGPT papers' protocol) and lm-eval accuracy of MODEL, dense or compressed."""
     from tqdm import tqdm
 
-    from compress import export, models
+    from compress import export, models, outputs
     from compress.calibration.data import read_text
     from compress.evals.perplexity import PROTOCOL, perplexity
     from compress.evals.zeroshot import TaskError, set_offline, zero_shot
@@ -488,7 +498,10 @@ def evaluate(
                 bar.update(done - bar.n)
 
             start = time.perf_counter()
-            result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
+            try:
+                result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
+            except ValueError as err:  # a text shorter than one window, the hub's text out of reach
+                _fail(f"--ppl {ppl}: {err}")
         out.update(result.to_dict(), ppl_seconds=time.perf_counter() - start)
         typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
         typer.echo(f"protocol: {PROTOCOL}")
@@ -514,7 +527,7 @@ def evaluate(
                    f"max {max(act.values()):.4f} over {len(act)} linears")
     if json_out:
         out.update(compression=export.read_metadata(Path(model)) if Path(model).is_dir() else None,
-                   activation_sparsity=act or None, load_seconds=load_seconds, versions=export.versions())
+                   activation_sparsity=act or None, load_seconds=load_seconds, versions=outputs.versions())
         _write_json(json_out, out)
 
 
@@ -644,21 +657,29 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md and the PNG plots.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
-    """Compare evaluated models: a markdown table (dense first, deltas vs dense) and plots vs sparsity."""
-    from compress import export
+    """Compare evaluated models: a markdown table (dense first, deltas vs dense) and plots vs sparsity. Runs
+    measured under another protocol than the dense run (text, windows, tasks, limits) get a table of their own."""
+    from compress import outputs
     from compress.evals.report import markdown, plot, read_run
 
     try:
         runs = [read_run(path) for path in results]
-        export.check_output(out, overwrite)
+        with outputs.claim(out, overwrite, inputs=tuple(map(str, results)), marker=REPORT_MARKER) as target:
+            table = markdown(runs)
+            with target.writing() as tmp:
+                (tmp / "report.md").write_text(table + "\n")
+                plots = plot(runs, tmp)
+                (tmp / REPORT_MARKER).write_text(json.dumps({"results": [str(p) for p in results],
+                                                              "versions": outputs.versions()}, indent=2) + "\n")
     except ValueError as err:
         _fail(str(err))
-    table = markdown(runs)
-    with export.atomic_folder(out, overwrite) as tmp:
-        (tmp / "report.md").write_text(table + "\n")
-        plots = plot(runs, tmp)
+    except OSError as err:
+        _fail(f"writing {out} failed: {err.strerror or err}", 1)
     typer.echo(table)
     typer.echo(f"\nwrote {out / 'report.md'} and {', '.join(p.name for p in plots)}")
+
+
+REPORT_MARKER = "report.json"  # marks a folder compress report wrote (what --overwrite may replace)
 
 
 @app.command()
@@ -673,13 +694,13 @@ def info(
         _fail(f"{str(folder)!r} is not a folder: pass an output folder of compress prune")
     try:
         rows = export.layer_table(folder)
+        meta = export.read_metadata(folder)
     except ValueError as err:
         _fail(str(err))
     numel = lambda r: r["shape"][0] * r["shape"][1]  # noqa: E731
     linear_rows = [r for r in rows if r["in_block"]]
     total = sum(numel(r) for r in linear_rows) or 1
     all_total = sum(numel(r) for r in rows) or 1
-    meta = export.read_metadata(folder)
     summary = {"block_linears_sparsity": sum(r["sparsity"] * numel(r) for r in linear_rows) / total,
                "all_weights_sparsity": sum(r["sparsity"] * numel(r) for r in rows) / all_total,
                "block_linears_bytes": sum(r["bytes"] for r in linear_rows),

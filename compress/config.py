@@ -203,6 +203,9 @@ class QuantConfig:
         match = _QUANT.match(spec.strip().lower())
         if not match:
             raise ValueError(f"--quant {spec!r} is not wBgG: write it like w4g64 (4 bits, groups of 64) or w8 (per channel)")
+        if match[2] is not None and int(match[2]) < 2:  # group_size 0 means per channel: spelled w4, never w4g0
+            raise ValueError(f"--quant {spec!r}: a group holds at least 2 weights; write w{match[1]} for one scale "
+                             f"per output channel, or e.g. w{match[1]}g64")
         return cls(bits=int(match[1]), group_size=int(match[2] or 0), **options)
 
     def __post_init__(self):

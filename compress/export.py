@@ -1,5 +1,5 @@
-"""Writing and reading output folders. Every write goes to a temporary sibling folder renamed into place,
-so a failed run never leaves a half-written output nor touches an existing one."""
+"""Writing and reading model folders in compress's formats (dense, compressed-tensors, packed); where and how
+safely a folder is written is ``outputs``' concern."""
 
 from __future__ import annotations
 
@@ -7,106 +7,14 @@ import json
 import logging
 import math
 import os
-import platform
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from compress.outputs import METADATA, RESUME_STATE, OutputError, finish_state, versions
+
 log = logging.getLogger(__name__)
-
-METADATA = "compression.json"
-
-
-class OutputError(ValueError):
-    """The output folder cannot be written as asked."""
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``overwrite`` (checked before any work is done)."""
-    if out.exists() and not overwrite:
-        raise OutputError(f"output folder {str(out)!r} exists: pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {str(out)!r} exists and is not a folder: choose another --out")
-
-
-def partial_folder(out: Path) -> Path:
-    """Where a resumable run of ``out`` writes until it is complete."""
-    return Path(out).with_name(f".{Path(out).name}.partial")
-
-
-RESUME_STATE = "resume/state.json"
-
-
-def check_resume(out: Path, resume: bool, fingerprint: dict) -> None:
-    """Refuse (before any work) to run over an unfinished run's folder unless ``resume``, and to resume one
-    whose model files, calibration, recipe or versions differ from this run's (``fingerprint``)."""
-    partial = partial_folder(out)
-    state = partial / RESUME_STATE
-    if partial.exists() and not resume:
-        raise OutputError(f"{str(partial)!r} holds an unfinished run of this output: pass --resume to continue it, "
-                          f"or delete that folder")
-    if resume and state.is_file():
-        saved = json.loads(state.read_text()).get("fingerprint", {})
-        differ = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
-        if differ:
-            raise OutputError(f"--resume: the unfinished run in {str(partial)!r} differs from this one in "
-                              f"{', '.join(differ)}: rerun it as it was, or delete that folder")
-    elif resume:
-        log.info("--resume: no unfinished run of %s to continue; starting from the first block", out)
-
-
-@contextmanager
-def atomic_folder(out: Path, overwrite: bool = False, resumable: bool = False):
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on error it is removed.
-
-    With ``resumable`` the folder is ``partial_folder(out)``, reused if it exists, and kept on error when it
-    holds a resume state (``RESUME_STATE``), for ``--resume``.
-    """
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if resumable:
-        tmp = partial_folder(out)
-        tmp.mkdir(exist_ok=True)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        shutil.rmtree(tmp / Path(RESUME_STATE).parent, ignore_errors=True)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        if resumable and (tmp / RESUME_STATE).is_file():
-            log.warning("kept the unfinished run in %s: rerun the same command with --resume to continue it", tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def versions() -> dict:
-    import transformers
-
-    import compress
-
-    found = {"compress": compress.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-             "python": platform.python_version()}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for package in ("lm_eval", "compressed-tensors"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
 
 
 def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None, gate_space: dict | None = None,
@@ -438,11 +346,23 @@ class StreamedOutput:
         if self.fmt == "packed":
             metadata = {**metadata, "packed": self.packed_layers}
         _write_extras(self.folder, tokenizer, metadata, act_thresholds, gate_space, act_edges)
+        if self.save_every is not None:  # complete: a kill from here on never recomputes it
+            finish_state(self.folder, self.fingerprint)
 
 
 def read_metadata(folder: Path) -> dict | None:
+    """A folder's compression.json, ``None`` if it has none.
+
+    Raises:
+        OutputError: the file is not readable JSON.
+    """
     path = Path(folder) / METADATA
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise OutputError(f"{path}: damaged ({err}): write the folder again with compress prune") from err
 
 
 def read_packed_table(folder: Path) -> dict[str, dict] | None:
@@ -455,11 +375,14 @@ def tensor_index(folder: Path) -> dict[str, Path]:
     """Which safetensors file of ``folder`` holds each tensor name."""
     from safetensors import safe_open
 
+    from compress.checkpoint import read_header
+
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise OutputError(f"{str(folder)!r} holds no .safetensors files: pass a folder written by compress or save_pretrained")
     index = {}
     for file in files:
+        read_header(file)  # a damaged file is named (CheckpointError) before safetensors reads it
         with safe_open(str(file), framework="pt") as fh:
             index.update(dict.fromkeys(fh.keys(), file))
     return index

@@ -8,6 +8,7 @@ Everything architecture-specific is derived, not listed: decoder blocks are the 
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 
@@ -54,9 +55,7 @@ def load(spec: str, dtype: str = "auto"):
         raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     path = Path(spec)
     is_gguf = spec.endswith(".gguf")
-    looks_local = is_gguf or spec.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not path.exists():
-        raise ModelError(f"model path {spec!r} does not exist: pass a hub id, a model folder or a .gguf file")
+    check_local(spec)
     kwargs: dict = {}
     if is_gguf:
         where, kwargs["gguf_file"] = str(path.parent), path.name
@@ -71,7 +70,15 @@ def load(spec: str, dtype: str = "auto"):
             raise ModelError(f"{spec!r} is not a causal LM: compress needs a model AutoModelForCausalLM loads") from err
         raise ModelError(f"cannot load {spec!r}: {str(err).splitlines()[0]}") from err
     except OSError as err:
-        raise ModelError(f"cannot load {spec!r} ({str(err).splitlines()[0]}): check the hub id or pass a local folder") from err
+        where = "" if path.exists() else "no local folder of that name, and the hub: "
+        raise ModelError(f"cannot load {spec!r} ({where}{str(err).splitlines()[0]}): check the hub id or pass a "
+                         f"local folder") from err
+    except pickle.UnpicklingError as err:
+        raise ModelError(f"{spec!r}: torch's weights-only loader refused its pickle checkpoint "
+                         f"({str(err).splitlines()[0].split('. ')[0]}), so none of it ran; compress never runs code from a model "
+                         f"folder: convert the weights to safetensors where you trust the file") from err
+    except RuntimeError as err:  # e.g. a tensor whose shape the config does not give it
+        raise ModelError(f"cannot load {spec!r}: {' '.join(str(err).split())[:300]}") from err
     if is_gguf:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -79,6 +86,38 @@ def load(spec: str, dtype: str = "auto"):
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # name or owner/name
+
+
+def check_local(spec: str) -> None:
+    """Refuse, before transformers sees it, a model path that cannot be loaded: a path that does not exist
+    (anything that is not a hub id's ``owner/name`` form is a path), a folder without config.json, a damaged
+    safetensors file or a file that is not GGUF.
+
+    Raises:
+        ModelError: naming the path and the fix.
+        checkpoint.CheckpointError: a damaged weights file, named.
+    """
+    from compress.checkpoint import read_header
+
+    path = Path(spec).expanduser()
+    looks_local = spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or not HUB_ID.fullmatch(spec)
+    if not path.exists():
+        if looks_local:
+            raise ModelError(f"model path {spec!r} does not exist: pass a hub id, a model folder or a .gguf file")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec!r} is not a model folder (no config.json): pass a folder written by "
+                             f"save_pretrained or compress, a hub id or a .gguf file")
+        for file in sorted(path.glob("*.safetensors")):
+            read_header(file)
+    elif spec.endswith(".gguf"):
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelError(f"{spec!r} is not a GGUF file (it does not start with GGUF): pass a .gguf model")
 
 
 def open_streamed(spec: str, dtype: str = "auto"):
@@ -93,11 +132,12 @@ def open_streamed(spec: str, dtype: str = "auto"):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from compress.checkpoint import Checkpoint, materialize, streamable
+    from compress.checkpoint import Checkpoint, check_shapes, materialize, streamable
 
     path = Path(spec)
     if spec.endswith(".gguf") or not path.is_dir() or not any(path.glob("*.safetensors")):
         return None
+    check_local(spec)
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     try:
@@ -113,6 +153,7 @@ def open_streamed(spec: str, dtype: str = "auto"):
         raise ModelError(f"cannot load {spec!r}: {str(err).splitlines()[0]}") from err
     model.tie_weights()
     checkpoint = Checkpoint(path)
+    check_shapes(checkpoint, model)
     if not streamable(checkpoint, model):
         log.info("%s: tensor names differ from the model's; loading it whole", spec)
         return None

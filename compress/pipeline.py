@@ -111,6 +111,12 @@ class Report:
         return {"recipe": self.recipe, "seconds": self.seconds, "sparsity": self.sparsity,
                 "layers": [asdict(layer) for layer in self.layers]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The report as compression.json records it (its layers in one block: blocks are not recorded)."""
+        layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
+        return cls(data["recipe"], data["seconds"], [BlockReport(0, data["seconds"], layers)])
+
 
 @dataclass
 class BlockState:

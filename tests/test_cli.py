@@ -125,12 +125,16 @@ def test_existing_output_refused_and_untouched(saved_model, calib_txt, existing_
     assert [p.name for p in existing_out.iterdir()] == ["keep.txt"]
 
 
-def test_overwrite_replaces_only_after_success(saved_model, calib_txt, existing_out):
-    failing = _prune(saved_model("llama"), existing_out, calib_txt, "--pattern", "3:7", "--overwrite")
-    assert failing.exit_code == 2 and (existing_out / "keep.txt").exists()
-    ok = _prune(saved_model("llama"), existing_out, calib_txt, "--sparsity", "0.5", "--overwrite")
+def test_overwrite_replaces_only_after_success(saved_model, calib_txt, tmp_path):
+    out = tmp_path / "out"
+    assert _prune(saved_model("llama"), out, calib_txt, "--sparsity", "0.3").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    failing = _prune(saved_model("llama"), out, calib_txt, "--pattern", "3:7", "--overwrite")
+    assert failing.exit_code == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    ok = _prune(saved_model("llama"), out, calib_txt, "--sparsity", "0.5", "--overwrite")
     assert ok.exit_code == 0, ok.output
-    assert (existing_out / "compression.json").exists() and not (existing_out / "keep.txt").exists()
+    assert json.loads((out / "compression.json").read_text())["recipe"]["prune"]["pattern"]["sparsity"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 
 def test_missing_model_non_causal_model_and_unreadable_calib(tmp_path, calib_txt, tokenizer, saved_model):

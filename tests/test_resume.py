@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from compress import export
+from compress import outputs
 from compress.cli import app
 from tests.conftest import build
 
@@ -55,8 +55,8 @@ def test_killed_run_resumes_to_byte_identical_weights(deep_model, calib_txt, tmp
     child = subprocess.run([sys.executable, "-c", KILLER, *common, "--out", str(killed)], env=env,
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    partial = export.partial_folder(killed)
-    assert not killed.exists() and json.loads((partial / export.RESUME_STATE).read_text())["state"]["next_block"] == 3
+    partial = outputs.partial_folder(killed)
+    assert not killed.exists() and json.loads((partial / outputs.RESUME_STATE).read_text())["state"]["next_block"] == 3
 
     again = runner.invoke(app, [*common, "--out", str(killed)])
     assert again.exit_code == 2 and "pass --resume" in again.output  # reported, not silently deleted
@@ -75,7 +75,7 @@ def test_resume_refuses_a_different_recipe_and_keeps_the_unfinished_run(deep_mod
     common = ["prune", str(deep_model), "--calib", str(calib_txt), *ARGS]
     env = {**os.environ, "KILL_AFTER": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", KILLER, *common, "--out", str(out)], env=env, capture_output=True, timeout=300)
-    partial = export.partial_folder(out)
+    partial = outputs.partial_folder(out)
     before = _shards(partial)
     other = [a if a != "w4g16" else "w4g32" for a in common]
     result = runner.invoke(app, [*other, "--out", str(out), "--resume"])
@@ -110,7 +110,7 @@ def test_a_failed_save_leaves_the_previous_output_and_says_why(deep_model, calib
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0], result.output
     assert _shards(out) == previous and _shards(deep_model) == source
-    assert (export.partial_folder(out) / export.RESUME_STATE).is_file()  # blocks 0-1 kept for --resume
+    assert (outputs.partial_folder(out) / outputs.RESUME_STATE).is_file()  # blocks 0-1 kept for --resume
 
 
 def test_max_memory_runs_bounded_to_the_same_weights_and_refuses_what_cannot_fit(deep_model, calib_txt, tmp_path, caplog):
@@ -129,4 +129,4 @@ def test_max_memory_runs_bounded_to_the_same_weights_and_refuses_what_cannot_fit
         out = tmp_path / f"refused-{budget}"
         result = runner.invoke(app, [*common, "--out", str(out), "--max-memory", budget])
         assert result.exit_code == 2 and message in result.output, result.output
-        assert not out.exists() and not export.partial_folder(out).exists()
+        assert not out.exists() and not outputs.partial_folder(out).exists()

@@ -7,6 +7,7 @@ cut into non-overlapping windows of ``seqlen`` tokens (the ragged tail is droppe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ class PerplexityResult:
     source: str
     seconds: float
     protocol: str = PROTOCOL
+    text_sha256: str = ""  # of the evaluation text: results on one text compare, whatever its path
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +67,8 @@ def perplexity(
     if max_ctx and seqlen > max_ctx:
         log.warning("--seqlen %d exceeds the model's context %d; using %d", seqlen, max_ctx, max_ctx)
         seqlen = max_ctx
-    batches = windows(tokenize(tokenizer, read_text(source, split="test")), seqlen, limit)
+    text = read_text(source, split="test")
+    batches = windows(tokenize(tokenizer, text), seqlen, limit)
     nll, count = 0.0, 0
     for i in range(0, batches.shape[0], batch_size):
         ids = batches[i : i + batch_size].to(device)
@@ -77,5 +80,5 @@ def perplexity(
             on_window(min(i + batch_size, batches.shape[0]), batches.shape[0])
     return PerplexityResult(
         ppl=math.exp(nll / count), tokens=batches.numel(), predicted_tokens=count, seqlen=seqlen, windows=batches.shape[0], source=source,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, text_sha256=hashlib.sha256(text.encode()).hexdigest(),
     )

@@ -19,6 +19,8 @@ class Run:
     accuracy: float | None  # mean of the tasks' acc
     tasks: dict[str, float]
     weights_format: str = "dense"  # how the folder stores its weights: dense, compressed-tensors or packed
+    ppl_protocol: dict | None = None  # text (its digest where recorded), seqlen, windows
+    zero_shot_protocol: dict | None = None  # tasks, limit, few-shot examples
 
     @property
     def is_dense(self) -> bool:
@@ -47,20 +49,55 @@ def read_run(path: Path) -> Run:
     layers = (meta.get("report") or {}).get("layers", [])
     bits = {layer.get("bits") for layer in layers} - {None}
     zs = data.get("zero_shot") or {}
+    zs_protocol = zs.get("protocol") or {}
     return Run(name=Path(path).stem, method=" + ".join(parts) or "dense",
                sparsity=(meta.get("report") or {}).get("sparsity", 0.0), bits=max(bits) if bits else None,
                ppl=data.get("ppl"), accuracy=zs.get("mean_accuracy"),
                tasks={t: m["acc"] for t, m in (zs.get("tasks") or {}).items() if "acc" in m},
-               weights_format=meta.get("format") or "dense")
+               weights_format=meta.get("format") or "dense",
+               ppl_protocol={"text": data.get("text_sha256") or data.get("source"), "seqlen": data.get("seqlen"),
+                             "windows": data.get("windows")} if data.get("ppl") is not None else None,
+               zero_shot_protocol={"tasks": sorted(zs.get("tasks") or {}), "limit": zs_protocol.get("limit"),
+                                   "num_fewshot": zs_protocol.get("num_fewshot")} if zs else None)
+
+
+def protocol_differences(run: Run, dense: Run) -> list[str]:
+    """How ``run`` was measured unlike ``dense`` (empty: every metric both have is comparable), e.g.
+    ``["perplexity windows 20 vs 50"]``."""
+    found = []
+    for label, mine, theirs in (("perplexity", run.ppl_protocol, dense.ppl_protocol),
+                                ("zero-shot", run.zero_shot_protocol, dense.zero_shot_protocol)):
+        if mine is None or theirs is None:
+            continue
+        for key in mine:
+            if mine[key] != theirs.get(key):
+                shown = "another text" if key == "text" else f"{mine[key]} vs {theirs.get(key)}"
+                found.append(f"{label} {key} {shown}")
+    return found
+
+
+def comparable(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, list[str]]]]:
+    """Split ``runs`` into those measured as the (first) dense run was, dense included, and the others with
+    what differs; with no dense run every run is comparable (no deltas are shown then)."""
+    dense = next((r for r in runs if r.is_dense), None)
+    if dense is None:
+        return list(runs), []
+    same, other = [], []
+    for r in runs:
+        differs = protocol_differences(r, dense)
+        (other.append((r, differs)) if differs else same.append(r))
+    return same, other
 
 
 def markdown(runs: list[Run]) -> str:
-    """Dense first; each compressed run with its delta vs the (first) dense run."""
-    runs = sorted(runs, key=lambda r: (not r.is_dense, r.method, r.sparsity))
-    dense = next((r for r in runs if r.is_dense), None)
+    """Dense first; each compressed run with its delta vs the (first) dense run. Runs measured under another
+    protocol (text, window length or count, tasks, limit) go to a second table, without deltas, that names
+    the difference."""
+    same, other = comparable(runs)
+    same = sorted(same, key=lambda r: (not r.is_dense, r.method, r.sparsity))
+    dense = next((r for r in same if r.is_dense), None)
     tasks = sorted({t for r in runs for t in r.tasks})
     head = ["run", "method", "format", "sparsity", "bits", "ppl", "Δppl", "mean acc", "Δacc", *tasks]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(v, spec=".2f"):
         return "" if v is None else format(v, spec)
@@ -68,11 +105,17 @@ def markdown(runs: list[Run]) -> str:
     def delta(value, base, spec):
         return "" if value is None or base is None or dense is None else format(value - base, "+" + spec)
 
-    for r in runs:
+    def row(r: Run, base: Run | None) -> str:
         cells = [r.name, r.method, r.weights_format, fmt(r.sparsity, ".3f"), fmt(r.bits, "g"), fmt(r.ppl),
-                 delta(r.ppl, dense.ppl if dense else None, ".2f"), fmt(r.accuracy, ".4f"),
-                 delta(r.accuracy, dense.accuracy if dense else None, ".4f"), *[fmt(r.tasks.get(t), ".4f") for t in tasks]]
-        lines.append("| " + " | ".join(cells) + " |")
+                 delta(r.ppl, base.ppl if base else None, ".2f"), fmt(r.accuracy, ".4f"),
+                 delta(r.accuracy, base.accuracy if base else None, ".4f"), *[fmt(r.tasks.get(t), ".4f") for t in tasks]]
+        return "| " + " | ".join(cells) + " |"
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *(row(r, dense) for r in same)]
+    if other:
+        lines += ["", f"Measured under another protocol than the dense run {dense.name!r}: not comparable with it, "
+                      f"no deltas.", "", "| " + " | ".join([*head, "differs in"]) + " |", "|" + "---|" * (len(head) + 1)]
+        lines += [row(r, None)[:-1] + f"| {'; '.join(differs)} |" for r, differs in other]
     return "\n".join(lines)
 
 
@@ -84,6 +127,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    runs, _ = comparable(runs)  # one protocol per plot
     dense = next((r for r in runs if r.is_dense), None)
     for attr, label, file in (("ppl", "perplexity", "ppl.png"), ("accuracy", "mean accuracy", "accuracy.png")):
         points = [r for r in runs if getattr(r, attr) is not None]
