@@ -48,14 +48,20 @@ def _setup_logging(verbose: bool) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as err:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        _fail(f"writing {path} failed: {err.strerror or err}", 1)
 
 
 @app.command()
 def prune(
     model: Annotated[str, typer.Argument(help="Hub id, local model folder, or .gguf file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (refused if it exists, unless --overwrite).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (refused if it exists, unless --overwrite; "
+                                      "one run at a time per folder).")],
     method: Annotated[Optional[str], typer.Option(help=f"Pruning method (default wanda when --sparsity/--pattern is "
                                                   f"given). {METHOD_HELP}.")] = None,
     sparsity: Annotated[Optional[float], typer.Option(help="Unstructured: fraction of zeros in (0, 1).")] = None,
@@ -129,7 +135,8 @@ def prune(
     dtype: Annotated[str, typer.Option(help="Model dtype: auto (checkpoint's; float32 for .gguf) | float32 | bfloat16 | float16.")] = "auto",
     chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward chunk (0: default 8). Same result "
                                                "for any value, one forward per block; smaller uses less memory.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder (only once the new one is complete).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder, once the new one is complete: "
+                                            "only an empty folder or one compress wrote, never the input's.")] = False,
     quant_lm_head: Annotated[bool, typer.Option("--quant-lm-head", help="Also quantize lm_head (round to nearest on "
                                                  "--quant's grid); a tied input embedding shares it.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the unfinished run of this --out (after a crash or kill) "
@@ -492,16 +499,16 @@ def evaluate(
     sparsifiers = lm.compress_sparsifiers
     out = {"model": model}
     if ppl is not None:
-        with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
-            def on_window(done, total):
-                bar.total = total
-                bar.update(done - bar.n)
+        try:
+            with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
+                def on_window(done, total):
+                    bar.total = total
+                    bar.update(done - bar.n)
 
-            start = time.perf_counter()
-            try:
+                start = time.perf_counter()
                 result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
-            except ValueError as err:  # a text shorter than one window, the hub's text out of reach
-                _fail(f"--ppl {ppl}: {err}")
+        except ValueError as err:  # a text shorter than one window, the hub's text out of reach
+            _fail(f"--ppl {ppl}: {err}")
         out.update(result.to_dict(), ppl_seconds=time.perf_counter() - start)
         typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
         typer.echo(f"protocol: {PROTOCOL}")
@@ -648,14 +655,14 @@ def bench(
             typer.echo(f"decode {'llama.cpp (GGUF)':<27} {llama:7.1f} tokens/s  ({llama / base:.2f}x); compressed "
                        f"(fastest) is {best / llama:.2f}x llama.cpp")
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+        _write_json(json_out, results)
 
 
 @app.command()
 def report(
     results: Annotated[list[Path], typer.Argument(help="JSON files written by compress eval --json.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.md and the PNG plots.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder that compress report wrote.")] = False,
 ) -> None:
     """Compare evaluated models: a markdown table (dense first, deltas vs dense) and plots vs sparsity. Runs
     measured under another protocol than the dense run (text, windows, tasks, limits) get a table of their own."""

@@ -63,6 +63,8 @@ def load(spec: str, dtype: str = "auto"):
     else:
         where, torch_dtype = spec, (DTYPES[dtype] if dtype != "auto" else "auto")
     try:
+        if path.is_dir() and any(path.glob("*.safetensors")):
+            _check_shapes(path)  # before transformers, whose refusal comes after a multi-line report
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
     except ValueError as err:
@@ -74,7 +76,8 @@ def load(spec: str, dtype: str = "auto"):
         raise ModelError(f"cannot load {spec!r} ({where}{str(err).splitlines()[0]}): check the hub id or pass a "
                          f"local folder") from err
     except pickle.UnpicklingError as err:
-        raise ModelError(f"{spec!r}: torch's weights-only loader refused its pickle checkpoint "
+        files = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "its weights"
+        raise ModelError(f"{spec!r}: torch's weights-only loader refused the pickle checkpoint {files} "
                          f"({str(err).splitlines()[0].split('. ')[0]}), so none of it ran; compress never runs code from a model "
                          f"folder: convert the weights to safetensors where you trust the file") from err
     except RuntimeError as err:  # e.g. a tensor whose shape the config does not give it
@@ -118,6 +121,21 @@ def check_local(spec: str) -> None:
         with open(path, "rb") as fh:
             if fh.read(4) != b"GGUF":
                 raise ModelError(f"{spec!r} is not a GGUF file (it does not start with GGUF): pass a .gguf model")
+
+
+def _check_shapes(folder: Path) -> None:
+    """Refuse a local safetensors folder whose tensors lack the shapes its config.json gives them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress.checkpoint import Checkpoint, check_shapes
+
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "quantization_config", None):
+        return  # stored in a quantized layout: transformers' loader checks it
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_shapes(Checkpoint(folder), skeleton)
 
 
 def open_streamed(spec: str, dtype: str = "auto"):

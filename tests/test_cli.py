@@ -107,6 +107,8 @@ def existing_out(tmp_path):
     (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "source '/nonexistent/calib.txt' is neither a file"),
     (["--sparsity", "0.5", "--gram-precision", "fp16"], "--gram-precision 'fp16' is not one of auto, fp32, bf16"),
     (["--sparsity", "0.5", "--forward-precision", "half"], "--forward-precision 'half' is not one of auto, fp32, bf16"),
+    (["--quant", "w4g0"], "write w4 for one scale per output channel"),
+    (["--quant", "w4g1"], "a group holds at least 2 weights"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(extra, message, saved_model, calib_txt, tmp_path):
     out = tmp_path / "out"

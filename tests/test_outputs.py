@@ -87,6 +87,25 @@ def test_overwrite_replaces_an_empty_folder_and_an_earlier_output(model, calib_t
     assert _strays(tmp_path, out) == []
 
 
+@pytest.mark.parametrize("output_in_place", [True, False])
+def test_a_claim_repairs_what_an_older_version_left_and_says_so(output_in_place, tmp_path, caplog):
+    out = tmp_path / "out"
+    old = tmp_path / ".out.old-4242"  # what versions before the lock named the previous output during a swap
+    marker = json.dumps({"versions": {"compress": "0.1.0"}})
+    old.mkdir()
+    (old / "weights").write_text("previous")
+    (old / outputs.METADATA).write_text(marker)
+    if output_in_place:
+        out.mkdir()
+        (out / "weights").write_text("new")
+        (out / outputs.METADATA).write_text(marker)
+    with caplog.at_level("WARNING", logger="compress"), outputs.claim(out, overwrite=True):
+        pass
+    assert _strays(tmp_path, out) == []
+    assert (out / "weights").read_text() == ("new" if output_in_place else "previous")
+    assert ("removed" if output_in_place else "restored") in caplog.text
+
+
 # The CLI in a child that SIGKILLs itself just before the DIE_AT-th rename or removal of the output's folders
 # (the output, its .partial, its .old, its resume state): every step of the final swap in turn.
 KILLER = textwrap.dedent("""
