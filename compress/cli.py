@@ -197,6 +197,7 @@ def prune(
             if calib != selfgen.SOURCE:
                 check_source(calib)
             target = held.enter_context(outputs.claim(out, overwrite, inputs=(model, calib)))  # to the final rename
+            finished = outputs.check_unfinished(out, resume)
             dev = models.resolve_device(device)
             recipe = replace(recipe, gram_precision=resolve_precision(gram_precision, dev),  # compression.json says which
                              forward_precision=resolve_precision(forward_precision, dev, "--forward-precision"))
@@ -230,7 +231,8 @@ def prune(
                 recipe, owl_ratios = _owl_allocation(lm, tokens, recipe, dev, chunk_samples, checkpoint)
             plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
             fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
-            finished = outputs.check_resume(out, resume, fingerprint)
+            if resume:
+                outputs.check_fingerprint(out, fingerprint)
             if recipe.act is not None:
                 edges = recipe.act.edges(calib_cfg.seqlen)
                 scale = ("relative to each token's input RMS" if recipe.act.scale == "token" else

@@ -104,7 +104,8 @@ class _Lock:
                 holder = os.read(fd, 32).decode(errors="replace").strip()
                 os.close(fd)
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+                    raise OutputError(f"cannot lock {self.path} ({err.strerror}): choose an --out on a local "
+                                      f"file system") from err
                 out = self.path.with_name(self.path.name[1:-len(".lock")])
                 raise OutputError(f"{str(out)!r} is being written by another compress run (pid {holder or 'unknown'}): "
                                   f"wait for it to end or choose another --out") from None
@@ -138,7 +139,7 @@ def _repair(out: Path) -> None:
         else:
             old.rename(out)
             log.warning("restored %s from %s: an overwrite was killed before the new output was in place", out, old)
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    for tmp in (p for p in out.parent.glob(f".{out.name}.tmp-*") if p.is_dir()):
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by a run that was killed while writing", tmp)
     state = out / Path(RESUME_STATE).parent
@@ -205,9 +206,8 @@ def read_state(out: Path) -> dict | None:
     return json.loads(state.read_text()) if state.is_file() else None
 
 
-def check_resume(out: Path, resume: bool, fingerprint: dict) -> bool:
-    """Refuse (before any work) to run over an unfinished run's folder unless ``resume``, and to resume one
-    whose model files, calibration, recipe or versions differ from this run's (``fingerprint``).
+def check_unfinished(out: Path, resume: bool) -> bool:
+    """Refuse (at the claim, before any work) to run over an unfinished run's folder unless ``resume``.
 
     Returns:
         Whether the run to resume is already finished (only its move into place is left).
@@ -220,15 +220,22 @@ def check_resume(out: Path, resume: bool, fingerprint: dict) -> bool:
                 "move it there without recomputing" if finished else
                 "an unfinished run of this output: pass --resume to continue it")
         raise OutputError(f"{str(partial)!r} holds {what}, or delete that folder")
-    if resume and saved is not None:
-        before = saved.get("fingerprint", {})
-        differ = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
-        if differ:
-            raise OutputError(f"--resume: the unfinished run in {str(partial)!r} differs from this one in "
-                              f"{', '.join(differ)}: rerun it as it was, or delete that folder")
-    elif resume:
+    if resume and saved is None:
         log.info("--resume: no unfinished run of %s to continue; starting from the first block", out)
     return finished
+
+
+def check_fingerprint(out: Path, fingerprint: dict) -> None:
+    """Refuse to resume a run whose model files, calibration, recipe or versions differ from this run's
+    (``fingerprint``)."""
+    saved = read_state(out)
+    before = (saved or {}).get("fingerprint")
+    if before is None:
+        return
+    differ = sorted(k for k in {*before, *fingerprint} if before.get(k) != fingerprint.get(k))
+    if differ:
+        raise OutputError(f"--resume: the unfinished run in {str(partial_folder(out))!r} differs from this one in "
+                          f"{', '.join(differ)}: rerun it as it was, or delete that folder")
 
 
 class Claim:
