@@ -3,6 +3,15 @@
 __version__ = "0.1.0"
 
 
+def prune(model: str, recipe, out, **options):
+    """Compress ``model`` with ``recipe`` (a ``config.Recipe``) and write it to ``out``: what ``compress prune``
+    does, with its run options as keywords (``fmt``, ``device``, ``overwrite``, ``resume``, ...; see
+    ``compress.run.prune``). Returns the run's ``pipeline.Report``."""
+    from compress.run import prune as run
+
+    return run(model, recipe, out, **options)
+
+
 def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
     """Load a model as compress would run it: a transformers causal LM (hub id, folder or .gguf) with the
     folder's activation thresholds installed (inputs below them are zeroed before each targeted linear, with
@@ -33,11 +42,12 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
 
         from safetensors import safe_open
 
-        from compress.export import METADATA
+        from compress.config import Recipe
+        from compress.export import read_metadata
 
-        meta = json.loads((Path(spec) / METADATA).read_text()) if (Path(spec) / METADATA).is_file() else {}
-        act = (meta.get("recipe") or {}).get("act") or {}
-        prefill, token_scale = act.get("prefill", "sparse"), act.get("scale", "none") == "token"
+        meta = read_metadata(Path(spec)) or {}
+        act = Recipe.from_dict(meta["recipe"]).act if meta.get("recipe") else None
+        prefill, token_scale = (act.prefill, act.scale == "token") if act else ("sparse", False)
         with safe_open(str(path), framework="pt") as fh:
             table = {name: fh.get_tensor(name) for name in fh.keys()}
             gate_space = json.loads((fh.metadata() or {}).get("gate_space", "{}"))

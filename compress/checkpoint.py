@@ -109,7 +109,11 @@ class Checkpoint:
         for name in names:
             by_file.setdefault(self.entries[name].file, []).append(name)
         for file, file_names in by_file.items():
-            with open(file, "rb", buffering=0) as fh:
+            try:
+                fh = open(file, "rb", buffering=0)
+            except OSError as err:
+                raise CheckpointError(f"{file}: cannot be read ({err.strerror})") from err
+            with fh:
                 for name in sorted(file_names, key=lambda n: self.entries[n].begin):
                     e = self.entries[name]
                     t = torch.empty(e.shape, dtype=e.dtype)

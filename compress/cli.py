@@ -8,15 +8,13 @@ import os
 import re
 import sys
 import time
-from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from compress import load as compress_load
-from compress import prune as prune_methods
+from compress import pruning as prune_methods
 from compress.kernels import allocator
 
 app = typer.Typer(
@@ -59,6 +57,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Hub id, local model folder, or .gguf file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (refused if it exists, unless --overwrite; "
                                       "one run at a time per folder).")],
@@ -146,286 +145,45 @@ def prune(
     max_memory: Annotated[str, typer.Option(help="Memory budget of the calibration activations, e.g. 8GiB or 500MB; "
                                             "auto: 80% of the device's available memory; 0: no limit. Over it, "
                                             "blocks run bounded (same result, ~2.4x the forward work).")] = "auto",
+    recipe_file: Annotated[Optional[Path], typer.Option("--recipe", help="Recipe file (YAML or JSON: the fields "
+                                                        "of a compression.json's recipe, or a whole compression.json "
+                                                        "to reproduce its run); flags given here override it.")] = None,
+    allow_partial: Annotated[bool, typer.Option(help="Run even when most of the decoder blocks' weights are not "
+                                                "linear layers (e.g. fused MoE experts): only the linears are "
+                                                "compressed.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
-    from compress import export, models, outputs, pipeline
-    from compress.calibration import selfgen
-    from compress.calibration.data import calibration_batches, check_source
-    from compress.calibration.stats import resolve_precision
     from safetensors import SafetensorError
 
-    from compress.checkpoint import CheckpointError, load_module
-    from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
+    from compress import export, recipes, run
+    from compress.checkpoint import CheckpointError
 
+    flags = {name: value for name, value in locals().items() if name in recipes.DEFAULTS}
     _setup_logging(verbose)
-    with ExitStack() as held:  # the claim on --out, once taken, is held to the end
-        try:
-            prune_cfg = None
-            block_sparsity: tuple[float, ...] = ()
-            if allocation not in ("uniform", "owl"):
-                block_sparsity = _read_allocation(Path(allocation))
-                sparsity = sparsity if sparsity is not None else sum(block_sparsity) / len(block_sparsity)
-            if method is not None or sparsity is not None or pattern is not None:
-                method = method or "wanda"
-                prune_methods.get(method)
-                prune_cfg = PruneConfig(method=method, pattern=Pattern.parse(sparsity, pattern), scope=scope,
-                                        blocksize=blocksize, dampening=dampening,
-                                        allocation="file" if block_sparsity else allocation, owl_m=owl_m,
-                                        owl_lambda=owl_lambda, block_sparsity=block_sparsity, refine=refine,
-                                        refine_cycles=refine_cycles, refine_var_power=refine_var_power)
-            elif allocation != "uniform" or refine is not None:
-                raise ValueError(f"--allocation/--refine shape pruning: add --method and --sparsity (e.g. --sparsity 0.6)")
-            quant_cfg = None
-            if quant is not None:
-                quant_cfg = QuantConfig.parse(quant, symmetric=quant_sym, method=quant_method, actorder=quant_actorder,
-                                              dampening=dampening, blocksize=blocksize)
-            act_cfg = None
-            if act_sparsity is not None or act_sparsity_file is not None:
-                per_layer = _read_per_layer(act_sparsity_file) if act_sparsity_file else {}
-                act_cfg = ActConfig(sparsity=act_sparsity if act_sparsity is not None else 0.5, method=act_method,
-                                    targets=tuple(act_targets or ()), per_layer=per_layer, prefill=act_prefill,
-                                    positions=act_positions, scale=act_scale)
-            if chunk_samples < 0:
-                raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
-            calib_cfg = CalibConfig(source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                    temperature=self_temperature, top_p=self_top_p)
-            recipe = Recipe(prune=prune_cfg, quant=quant_cfg, ignore=tuple(ignore or ()), calib=calib_cfg, act=act_cfg,
-                            quant_lm_head=quant_lm_head, gram_precision=gram_precision,
-                            forward_precision=forward_precision)
-            export.check_format(fmt, recipe)
-            if calib != selfgen.SOURCE:
-                check_source(calib)
-            target = held.enter_context(outputs.claim(out, overwrite, inputs=(model, calib)))  # to the final rename
-            finished = outputs.check_unfinished(out, resume)
-            dev = models.resolve_device(device)
-            recipe = replace(recipe, gram_precision=resolve_precision(gram_precision, dev),  # compression.json says which
-                             forward_precision=resolve_precision(forward_precision, dev, "--forward-precision"))
-            if max_memory.strip().lower() != "auto":
-                _memory_budget(max_memory, dev)  # a typo fails before the model loads
-            t0 = time.perf_counter()
-            opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
-            lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
-            pipeline.check(lm, recipe)
-            if fmt == "compressed-tensors":
-                export.check_format(fmt, recipe, lm)
-                prefix = models.decoder_blocks(lm)[0]
-                first = (lambda block: load_module(checkpoint, block, f"{prefix}.0")) if checkpoint else None
-                if split := pipeline.split_groups(lm, recipe.ignore, first):
-                    raise ValueError(f"--ignore splits {', '.join(split[0])}, which read one input and are fused by "
-                                     f"vLLM: ignore all of them or none")
-            max_ctx = getattr(lm.config, "max_position_embeddings", None) or seqlen
-            if seqlen > max_ctx:
-                log.warning("--seqlen %d exceeds the model's context %d: using %d", seqlen, max_ctx, max_ctx)
-                calib_cfg = replace(calib_cfg, seqlen=max_ctx)
-                recipe = replace(recipe, calib=calib_cfg)
-            if act_cfg is not None:  # compression.json and the resume fingerprint name the bands
-                recipe = replace(recipe, act=act_cfg.resolved(calib_cfg.seqlen))
-            if calib == selfgen.SOURCE:
-                tokens, manifest = _self_calibration(model, dtype, lm, tokenizer, calib_cfg, dev)
-            else:
-                tokens, manifest = calibration_batches(tokenizer, calib_cfg)
-            allocator.release_free_heap()  # what tokenizing the text left free
-            owl_ratios = None
-            if prune_cfg is not None and prune_cfg.allocation == "owl":
-                recipe, owl_ratios = _owl_allocation(lm, tokens, recipe, dev, chunk_samples, checkpoint)
-            plan = pipeline.plan_memory(lm, *tokens.shape, _memory_budget(max_memory, dev), chunk_samples or None)
-            fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
-            if resume:
-                outputs.check_fingerprint(out, fingerprint)
-            if recipe.act is not None:
-                edges = recipe.act.edges(calib_cfg.seqlen)
-                scale = ("relative to each token's input RMS" if recipe.act.scale == "token" else
-                         "absolute (attention outputs grow with position: --act-scale token keeps the target at every length)")
-                if edges:
-                    log.info("activation thresholds per position band, bands from positions 0, %s (the last also serves "
-                             "positions past the %d-token calibration windows), %s", ", ".join(map(str, edges)),
-                             calib_cfg.seqlen, scale)
-                else:
-                    log.info("one activation threshold set per linear, calibrated on %d-token windows, %s",
-                             calib_cfg.seqlen, scale)
-        except ValueError as err:
-            _fail(str(err))
-        log.info("loaded %s in %.1f s; calibration %d x %d tokens from %s (seed %d)",
-                 model, time.perf_counter() - t0, calib_cfg.nsamples, calib_cfg.seqlen, calib_cfg.source, seed)
-        log.info("%s", plan.describe())
-        log.info("calibration forwards in %s%s; Gram matrices: %s products summed in fp32", recipe.forward_precision,
-                 " (autocast)" if recipe.forward_precision == "bf16" else "", recipe.gram_precision)
-
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        n_blocks = len(models.decoder_blocks(lm)[1])
-        try:
-            if finished:  # killed after its output was complete: only the move into place was left
-                with target.writing(resumable=True):
-                    log.info("--resume: %s holds the finished run: moving it into place, nothing recomputed", out)
-                metadata = export.read_metadata(out)
-                _print_prune_summary(pipeline.Report.from_dict(metadata["report"]), out, metadata["storage"])
-                return
-            with target.writing(resumable=True) as tmp:
-                output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe, fingerprint=fingerprint, save_every=save_every)
-                with tqdm(total=n_blocks, desc=str(recipe), unit="block", file=sys.stderr) as bar, logging_redirect_tqdm():
-                    def on_block(block_report, _total):
-                        bar.set_postfix(err=f"{block_report.mean_error:.4f}")
-                        bar.update()
-
-                    with allocator.reuse_large_blocks(_block_cache_bytes(plan) if dev.type == "cpu" else 0):
-                        report = pipeline.compress_sequential(lm, tokens, recipe, device=dev, chunk_samples=chunk_samples or None,
-                                                              on_block=on_block, io=output, bounded=plan.bounded)
-                metadata = {
-                    "source_model": model,
-                    "recipe": recipe.to_dict(),
-                    "format": fmt,
-                    "calibration": manifest.to_dict(),
-                    **({"owl_outlier_ratios": owl_ratios} if owl_ratios is not None else {}),
-                    "device": str(dev),
-                    "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
-                                                    symmetric=recipe.quant is None or recipe.quant.symmetric,
-                                                    sparse24=recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)),
-                    "report": report.to_dict(),
-                }
-                output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds, gate_space=report.gate_space,
-                              act_edges=report.act_edges)
-        except CheckpointError as err:  # an input file damaged or changed during the run: nothing was written
-            _fail(f"reading {model} failed: {err}")
-        except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
-            _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
-        except SafetensorError as err:  # the same failures met inside safetensors' writer (e.g. os error 28)
-            _fail(f"writing {out} failed: {err}", 1)
-        log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
-        _print_prune_summary(report, out, metadata["storage"])
-
-
-def _block_cache_bytes(plan) -> int:
-    """How much freed activation memory the run may keep for reuse: what one chunk's forward churns through,
-    within a quarter of the budget."""
-    cap = int(os.environ.get("COMPRESS_BLOCK_CACHE_MB", "256")) << 20
-    return min(cap, plan.budget // 4) if plan.budget else cap
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def _memory_budget(spec: str, device) -> int | None:
-    """``--max-memory`` in bytes; ``None`` for no limit. ``auto`` is measured when called (after loading).
-
-    Raises:
-        ValueError: not a size.
-    """
-    text = spec.strip().lower()
-    if text == "auto":
-        if device.type == "cuda":
-            import torch
-
-            return int(0.8 * torch.cuda.mem_get_info(device)[0])
-        return int(0.8 * _available_ram())
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?", text)
-    if not match:
-        raise ValueError(f"--max-memory {spec!r} is not a size: write e.g. 8GiB, 500MB, auto, or 0 for no limit")
-    size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
-    return size or None
-
-
-def _available_ram() -> int:
-    """Bytes the kernel reports available (MemAvailable), else the physical memory."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if recipe_file is not None:  # the file's recipe, with the flags given on the command line on top
+            base, file_fmt = recipes.read(recipe_file)
+            given = {k: v for k, v in flags.items() if _on_command_line(ctx, k)}
+            flags = recipes.merge(recipes.to_flags(base), given)
+            fmt = file_fmt if file_fmt and not _on_command_line(ctx, "fmt") else fmt
+        report = run.prune(model, recipes.from_flags(flags), out, fmt=fmt, device=device, dtype=dtype,
+                           chunk_samples=chunk_samples, max_memory=max_memory, overwrite=overwrite, resume=resume,
+                           save_every=save_every, allow_partial=allow_partial)
+    except CheckpointError as err:  # an input file damaged, before or during the run: nothing was written
+        _fail(f"reading {model} failed: {err}")
+    except ValueError as err:
+        _fail(str(err))
+    except OSError as err:  # disk full, unwritable folder: the previous output and the input are untouched
+        _fail(f"writing {out} failed: {err.strerror or err}" + (f" ({err.filename})" if err.filename else ""), 1)
+    except SafetensorError as err:  # the same failures met inside safetensors' writer (e.g. os error 28)
+        _fail(f"writing {out} failed: {err}", 1)
+    _print_prune_summary(report, out, export.read_metadata(out)["storage"])
 
 
-def _fingerprint(model: str, recipe, fmt: str, manifest, chunk_samples: int, dtype: str) -> dict:
-    """What a resumed run must share with the run it continues (as JSON-normal values)."""
-    import torch
-    import transformers
-
-    import compress
-
-    path = Path(model)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    fp = {"model": [model, stamp], "recipe": recipe.to_dict(), "format": fmt, "calibration": manifest.to_dict(),
-          "chunk_samples": chunk_samples, "dtype": dtype,
-          "versions": [compress.__version__, torch.__version__, transformers.__version__]}
-    return json.loads(json.dumps(fp))
-
-
-def _read_allocation(path: Path) -> tuple[float, ...]:
-    """``--allocation FILE``: a JSON list of per-block sparsities, or an object with ``block_sparsity`` (as
-    compression.json's recipe records it: an OWL run's allocation can be reused)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--allocation {str(path)!r} is neither uniform, owl nor a readable JSON file ({err}): "
-                         f"write a list with one sparsity per block, e.g. [0.55, 0.6, 0.65]") from err
-    if isinstance(data, dict):
-        data = data.get("block_sparsity", data.get("recipe", {}).get("prune", {}).get("block_sparsity"))
-    if not isinstance(data, list) or not data or not all(isinstance(v, (int, float)) for v in data):
-        raise ValueError(f"--allocation {str(path)!r} must hold a list with one sparsity per decoder block, "
-                         f"e.g. [0.55, 0.6, 0.65]")
-    return tuple(float(v) for v in data)
-
-
-def _self_calibration(spec: str, dtype: str, lm, tokenizer, cfg, device):
-    """``--calib self``: generate the calibration samples with the whole model (loaded for it when ``lm``
-    is a streamed skeleton), then let it go."""
-    from tqdm import tqdm
-
-    from compress import models
-    from compress.calibration import selfgen
-
-    streamed = any(p.device.type == "meta" for p in lm.parameters())
-    gen_model = models.load(spec, dtype)[0] if streamed else lm
-    log.info("--calib self: sampling %d x %d tokens from the model (temperature %g, top-p %g, seed %d)",
-             cfg.nsamples, cfg.seqlen, cfg.temperature, cfg.top_p, cfg.seed)
-    gen_model.to(device)
-    try:
-        with tqdm(total=cfg.nsamples * (cfg.seqlen - 1), desc="self-calibration", unit="token", unit_scale=True,
-                  file=sys.stderr) as bar:
-            return selfgen.generate_calibration(gen_model, tokenizer, cfg, device,
-                                                on_tokens=lambda done: bar.update(done - bar.n))
-    finally:
-        gen_model.to("cpu")
-        del gen_model
-
-
-def _owl_allocation(lm, tokens, recipe, device, chunk_samples: int, checkpoint):
-    """OWL's per-block sparsities from one forward of the dense model; the recipe that records them."""
-    from tqdm import tqdm
-
-    from compress import models, pipeline
-    from compress.checkpoint import BlockSource
-    from compress.prune import owl
-
-    prune_cfg = recipe.prune
-    owl.allocate([0.0], prune_cfg.pattern.sparsity, prune_cfg.owl_lambda)  # a bad lambda fails before the pass
-    n_blocks = len(models.decoder_blocks(lm)[1])
-    io = BlockSource(checkpoint, models.decoder_blocks(lm)[0]) if checkpoint is not None else None
-    log.info("OWL: outlier ratios of the dense model (M = %g), one forward through %d blocks", prune_cfg.owl_m, n_blocks)
-    with tqdm(total=n_blocks, desc="OWL outlier ratios", unit="block", file=sys.stderr) as bar:
-        ratios = pipeline.outlier_ratios(lm, tokens, prune_cfg.owl_m, recipe.ignore, device=device,
-                                         chunk_samples=chunk_samples or None, io=io, on_block=lambda *_: bar.update(),
-                                         precision=recipe.forward_precision)
-    block_sparsity = owl.allocate(ratios, prune_cfg.pattern.sparsity, prune_cfg.owl_lambda)
-    log.info("OWL: block sparsities %s (mean %.4f)", " ".join(f"{s:.3f}" for s in block_sparsity),
-             sum(block_sparsity) / len(block_sparsity))
-    return replace(recipe, prune=replace(prune_cfg, block_sparsity=tuple(block_sparsity))), ratios
-
-
-def _read_per_layer(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--act-sparsity-file {str(path)!r} is not readable JSON ({err}): write {{\"name\": 0.5, ...}}") from err
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
-        raise ValueError(f"--act-sparsity-file {str(path)!r} must map linear names to fractions, e.g. "
-                         f"{{\"model.layers.0.mlp.down_proj\": 0.4}}")
-    return {str(k): float(v) for k, v in data.items()}
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether parameter ``name`` was given on the command line (not left at its default)."""
+    return ctx.get_parameter_source(name).name == "COMMANDLINE"
 
 
 def _print_prune_summary(report, out: Path, storage: dict) -> None:

@@ -106,19 +106,19 @@ class PruneConfig:
     """What to prune and how.
 
     Attributes:
-        method: a key of ``compress.prune.METHODS``.
+        method: a key of ``compress.pruning.METHODS``.
         pattern: unstructured fraction or N:M.
         scope: comparison group for unstructured masks; ``None`` takes the method's paper default
             (magnitude: matrix, Wanda: row, SparseGPT: block of ``blocksize`` columns).
         blocksize: SparseGPT's lazy-update block width (columns).
         dampening: fraction of the mean Hessian diagonal added to it (SparseGPT).
         allocation: ``uniform`` (every block at ``pattern.sparsity``), ``owl`` (per-block sparsity from
-            outlier ratios, ``compress.prune.owl``) or ``file`` (given per block).
+            outlier ratios, ``compress.pruning.owl``) or ``file`` (given per block).
         owl_m, owl_lambda: OWL's outlier threshold (times the block's mean Wanda score) and spread.
         block_sparsity: the sparsity of each decoder block once allocated (empty: uniform); its mean is
             ``pattern.sparsity``.
-        refine: refine each pruned layer's mask by prune-and-grow swaps, ``dsnot`` (``compress.prune.dsnot``)
-            or ``swap`` (ranked on the exact error, ``compress.prune.swap``), or ``None``.
+        refine: refine each pruned layer's mask by prune-and-grow swaps, ``dsnot`` (``compress.pruning.dsnot``)
+            or ``swap`` (ranked on the exact error, ``compress.pruning.swap``), or ``None``.
         refine_cycles, refine_var_power: proposals (DSnoT) or swaps (swap) per row at most, and DSnoT's
             variance exponent.
     """
@@ -361,6 +361,8 @@ class Recipe:
         if data.get("prune") is not None:
             prune = dict(data["prune"])
             _check_keys(PruneConfig, prune, "recipe.prune")
+            if not isinstance(prune.get("pattern"), dict):
+                raise ValueError("recipe.prune needs a pattern, e.g. pattern: {sparsity: 0.5} or {sparsity: 0.5, n: 2, m: 4}")
             pattern = prune.pop("pattern")
             _check_keys(Pattern, pattern, "recipe.prune.pattern")
             prune["block_sparsity"] = tuple(prune.get("block_sparsity", ()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -305,3 +306,53 @@ def move_non_blocks_(model: nn.Module, blocks_prefix: str, device: torch.device)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if not name.startswith(blocks_prefix + "."):
             tensor.data = tensor.data.to(device)
+
+
+@dataclass
+class Coverage:
+    """How much of the decoder blocks' weights (tensors of 2 or more dimensions) sit in linears the recipe
+    compresses, and which other weights there are (fused 3-D expert tensors, for instance), by name within a
+    block, with their shares."""
+
+    compressed: float
+    other: dict[str, float]
+
+    def check(self, allow_partial: bool) -> None:
+        """Warn about weights no recipe reaches; refuse when they are most of the blocks' weights.
+
+        Raises:
+            ModelError: over half of the blocks' weights are not linears, and not ``allow_partial``.
+        """
+        if not self.other:
+            return
+        share = sum(self.other.values())
+        listed = ", ".join(f"{name} ({s:.0%})" for name, s in sorted(self.other.items(), key=lambda kv: -kv[1]))
+        if share > 0.5 and not allow_partial:
+            raise ModelError(f"{share:.0%} of the decoder blocks' weights are not linear layers compress can "
+                             f"compress yet: {listed}; pass --allow-partial to compress the rest "
+                             f"({self.compressed:.0%}) alone")
+        log.warning("%.0f%% of the decoder blocks' weights are not linear layers and stay as they are: %s",
+                    100 * share, listed)
+
+    def to_dict(self) -> dict:
+        return {"compressed_share": self.compressed, "other_share": sum(self.other.values()), "other": self.other}
+
+
+def coverage(model: nn.Module, ignore: tuple[str, ...] = ()) -> Coverage:
+    """What a recipe with ``ignore`` reaches of ``model``'s decoder blocks (weights on the meta device count
+    by their shapes)."""
+    prefix, blocks = decoder_blocks(model)
+    total, compressed, other = 0, 0, {}
+    for i, block in enumerate(blocks):
+        linear_names = set(linears(block))
+        for name, param in block.named_parameters():
+            if param.dim() < 2:
+                continue
+            total += param.numel()
+            owner = name.rpartition(".")[0]
+            if owner in linear_names:
+                compressed += 0 if is_ignored(f"{prefix}.{i}.{owner}", ignore) else param.numel()
+            else:
+                other[name] = other.get(name, 0) + param.numel()
+    total = total or 1
+    return Coverage(compressed / total, {name: n / total for name, n in other.items()})

@@ -43,13 +43,13 @@ from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error,
 from compress.checkpoint import release
 from compress.config import Recipe
 from compress.kernels import allocator
-from compress.prune import InputStats, get
+from compress.pruning import InputStats, get
 from compress.quant.grid import QuantGrid
 from compress.weights import compress_weight, needs_hessian, needs_norms
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SAMPLES = 8
+from compress.memory import DEFAULT_CHUNK_SAMPLES, MemoryPlan, plan_memory  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -189,68 +189,6 @@ def check(model: nn.Module, recipe: Recipe) -> None:
         unknown = sorted(set(recipe.act.per_layer) - set(targets))
         if unknown:
             raise ValueError(f"--act-sparsity-file names {unknown[0]!r}, not a compressed linear (e.g. {targets[0]})")
-
-
-@dataclass
-class MemoryPlan:
-    """What a run's calibration activations will take (bytes), and whether the block forward must run bounded."""
-
-    boundary: int  # one copy of the hidden states between two blocks, all chunks
-    parked: int  # the one-forward mode at its deepest group: inputs + every chunk's live activations
-    bounded_need: int  # the bounded mode: inputs + outputs + one chunk's activations
-    block_weights: int  # one decoder block's weights
-    budget: int | None
-    bounded: bool
-
-    def describe(self) -> str:
-        mode = ("bounded: recomputes each block's upstream groups, ~2.4x the forward work" if self.bounded
-                else "one forward per block")
-        budget = f", budget {_size(self.budget)}" if self.budget is not None else ""
-        return (f"memory plan: one block's weights {_size(self.block_weights)}, calibration hidden states "
-                f"{_size(self.boundary)} per copy; one-forward mode needs ~{_size(self.parked)}, bounded "
-                f"~{_size(self.bounded_need)}{budget} -> {mode}")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} B"
-
-
-def plan_memory(model: nn.Module, nsamples: int, seqlen: int, budget: int | None,
-                chunk_samples: int | None = None) -> MemoryPlan:
-    """Estimate the activation memory of compressing ``model`` on ``nsamples x seqlen`` tokens, and pick the
-    mode: one forward with parked chunks when it fits ``budget`` bytes (or no budget is given), else bounded.
-
-    The estimate takes the widest linear output of a block as its intermediate width: a parked chunk holds at
-    most its residual plus the input of the last group (the MLP's intermediate activations).
-
-    Raises:
-        ValueError: even the bounded mode does not fit ``budget``.
-    """
-    _, blocks = models.decoder_blocks(model)
-    block = blocks[0]
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    widths = [models.weight_view(m).shape[0] for m in models.linears(block).values()]
-    hidden = hidden or min(widths)
-    inter = max(widths + [hidden])
-    elt = next(iter(block.parameters())).element_size()
-    tokens = nsamples * seqlen
-    chunk_tokens = min(nsamples, chunk_samples or DEFAULT_CHUNK_SAMPLES) * seqlen
-    transient = chunk_tokens * 4 * inter * elt  # one chunk's forward: gate, up, their product, activation
-    boundary = tokens * hidden * elt
-    parked = boundary + tokens * (hidden + inter) * elt + transient
-    bounded_need = 2 * boundary + transient
-    weights = sum(p.numel() * p.element_size() for p in block.parameters())
-    bounded = budget is not None and parked + weights > budget
-    plan = MemoryPlan(boundary, parked, bounded_need, weights, budget, bounded)
-    if bounded and bounded_need + weights > budget:
-        raise ValueError(f"calibration needs ~{_size(bounded_need + weights)} even bounded "
-                         f"({nsamples} x {seqlen} tokens), over the {_size(budget)} budget: lower "
-                         f"--nsamples or --seqlen, or raise --max-memory")
-    return plan
 
 
 class BlockIO(Protocol):
@@ -587,11 +525,11 @@ def outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, ignore: tup
                    device: torch.device | str = "cpu", chunk_samples: int | None = None,
                    io: BlockIO | None = None, on_block: Callable[[int, int], None] | None = None,
                    precision: str = "fp32") -> list[float]:
-    """OWL's outlier ratio of every decoder block of the *dense* model (``compress.prune.owl``): one forward
+    """OWL's outlier ratio of every decoder block of the *dense* model (``compress.pruning.owl``): one forward
     (in ``precision``, resolved) through the blocks on calibration ``tokens``, each block's linears (those
     ``ignore`` leaves) scored by Wanda's ``|W|·‖X‖`` on their inputs. The model is left as it was (``io``
     loads and unloads each block)."""
-    from compress.prune import owl, wanda
+    from compress.pruning import owl, wanda
 
     device = torch.device(device)
     prefix, blocks = models.decoder_blocks(model)

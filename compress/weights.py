@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compress.config import Recipe
-from compress.prune import InputStats, dsnot, get, swap
+from compress.pruning import InputStats, dsnot, get, swap
 from compress.quant import gptq
 from compress.quant.grid import QuantGrid
 

@@ -13,7 +13,7 @@ from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.cli import app
 from compress.config import CalibConfig, Pattern, PruneConfig, Recipe
 from compress.pipeline import compress_sequential, outlier_ratios
-from compress.prune import METHODS, InputStats, dsnot, owl, swap, wanda
+from compress.pruning import METHODS, InputStats, dsnot, owl, swap, wanda
 from tests.conftest import build, outlier_inputs
 
 runner = CliRunner()

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from compress.cli import app
+from compress.config import Pattern, PruneConfig, Recipe
 from compress.evals.report import markdown, read_run
 from tests.conftest import build
 
@@ -153,7 +154,8 @@ def test_a_model_path_that_does_not_exist_is_named_as_a_path(spec, expected, tmp
 
 
 def _result(tmp_path, name, *, ppl=None, windows=50, seqlen=1024, text="abc", tasks=None, limit=None, sparsity=None):
-    meta = None if sparsity is None else {"recipe": {"prune": {"method": "wanda", "pattern": {"n": 0, "m": 0}}},
+    recipe = Recipe(prune=PruneConfig("wanda", Pattern(sparsity))).to_dict() if sparsity is not None else None
+    meta = None if sparsity is None else {"recipe": recipe,
                                           "report": {"sparsity": sparsity, "layers": []}, "format": "dense"}
     data = {"model": name, "compression": meta}
     if ppl is not None:

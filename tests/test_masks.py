@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.config import Pattern
-from compress.prune import masks
+from compress.pruning import masks
 
 
 def _slow_nm(score, n, m):

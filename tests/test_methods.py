@@ -4,7 +4,7 @@ import torch
 from compress.calibration import stats as stats_mod
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Pattern, PruneConfig
-from compress.prune import METHODS, InputStats, masks, sparsegpt, wanda
+from compress.pruning import METHODS, InputStats, masks, sparsegpt, wanda
 from tests.conftest import outlier_inputs
 
 

@@ -5,7 +5,7 @@ from compress import models
 from compress.calibration.stats import Gram, resolve_precision
 from compress.config import Pattern, PruneConfig, Recipe
 from compress.pipeline import _capture, _forward, check, compress_sequential
-from compress.prune import METHODS, InputStats
+from compress.pruning import METHODS, InputStats
 from tests.conftest import FAMILIES, VOCAB, build
 
 

@@ -4,7 +4,7 @@ import torch
 from compress.calibration.stats import Gram
 from compress.config import Pattern, PruneConfig, QuantConfig, Recipe
 from compress.kernels.formats import pack_int32, unpack_int32
-from compress.prune import InputStats
+from compress.pruning import InputStats
 from compress.quant import gptq
 from compress.quant.grid import QuantGrid
 from compress.weights import compress_weight

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from compress.config import Recipe
+
 
 @dataclass
 class Run:
@@ -36,16 +38,18 @@ def read_run(path: Path) -> Run:
     if "model" not in data or not ({"ppl", "zero_shot"} & set(data)):
         raise ValueError(f"{str(path)!r} has no perplexity or zero-shot result: pass files written by compress eval --json")
     meta = data.get("compression") or {}
-    recipe = meta.get("recipe") or {}
+    try:
+        recipe = Recipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r}: its compression recipe is not readable ({err})") from err
     parts = []
-    if recipe.get("prune"):
-        pattern = recipe["prune"]["pattern"]
-        shape = f"{pattern['n']}:{pattern['m']}" if pattern.get("m") else "unstructured"
-        parts.append(f"{recipe['prune']['method']} {shape}")
-    if recipe.get("quant"):
-        parts.append(f"{recipe['quant']['method']} w{recipe['quant']['bits']}")
-    if recipe.get("act"):
-        parts.append(f"{recipe['act']['method']} act")
+    if recipe is not None and recipe.prune:
+        pattern = recipe.prune.pattern
+        parts.append(f"{recipe.prune.method} {f'{pattern.n}:{pattern.m}' if pattern.is_nm else 'unstructured'}")
+    if recipe is not None and recipe.quant:
+        parts.append(f"{recipe.quant.method} w{recipe.quant.bits}")
+    if recipe is not None and recipe.act:
+        parts.append(f"{recipe.act.method} act")
     layers = (meta.get("report") or {}).get("layers", [])
     bits = {layer.get("bits") for layer in layers} - {None}
     zs = data.get("zero_shot") or {}

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from compress.config import Pattern, QuantConfig
-from compress.prune import InputStats
-from compress.prune.sparsegpt import Result, solve
+from compress.pruning import InputStats
+from compress.pruning.sparsegpt import Result, solve
 from compress.quant.grid import QuantGrid
 
 

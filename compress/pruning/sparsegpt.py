@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from compress.config import Pattern
-from compress.prune import masks
+from compress.pruning import masks
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Prune-and-grow swaps ranked by their exact effect on a row's reconstruction error (``--refine swap``).
 
-DSnoT (``compress.prune.dsnot``) proposes swaps from the inputs' channel means and revives weights at their
+DSnoT (``compress.pruning.dsnot``) proposes swaps from the inputs' channel means and revives weights at their
 dense values, which assumes the kept weights are the dense ones (Wanda, magnitude). After SparseGPT they are
 not: its updates have already absorbed part of what each pruned weight did. Here every proposal comes from the
 row's exact error on the calibration inputs, ``E = d G dᵀ`` with ``d = Ŵ_i - W_i`` and the inputs' Gram matrix

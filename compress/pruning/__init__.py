@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from compress.config import PruneConfig
-from compress.prune import magnitude, masks, sparsegpt, wanda
+from compress.pruning import magnitude, masks, sparsegpt, wanda
 
 
 @dataclass
