@@ -124,7 +124,7 @@ def main() -> None:
 
 def print_table(results: dict) -> None:
     dense = results["dense"]["compress"]["ppl"]
-    print(f"\n| run | compress ppl | s | 2:4 share | llm-compressor ppl | s | 2:4 share | ppl ratio |\n|---|---|---|---|---|---|---|---|")
+    print("\n| run | compress ppl | s | 2:4 share | llm-compressor ppl | s | 2:4 share | ppl ratio |\n|---|---|---|---|---|---|---|---|")
     print(f"| dense | {dense:.2f} | | | | | | |")
     for name, row in results.items():
         if name in ("dense", "compressed-tensors"):

@@ -11,7 +11,7 @@ from compress.activations.histogram import AbsHistogram
 from compress.activations.positions import TokenPositions, band_edges, band_slices
 from compress.activations.thresholds import Sparsifier, install, thresholds, token_rms
 from compress.cli import app
-from compress.config import ActConfig, Pattern, PruneConfig, Recipe
+from compress.config import ActConfig, Recipe
 from compress.pipeline import compress_sequential
 from tests.conftest import build, outlier_inputs
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from compress import export, models
+from compress.export import compressed_tensors
 from compress.checkpoint import INDEX_FILE, Checkpoint
 from compress.config import Pattern, PruneConfig, QuantConfig, Recipe
 from compress.pipeline import compress_sequential
@@ -79,7 +80,7 @@ def test_streamed_run_writes_the_in_memory_result_one_block_in_memory(family, re
     assert len(list(out.glob("model-*-of-00003.safetensors"))) == 3
     expected = in_memory.state_dict()
     if fmt == "compressed-tensors":
-        expected = export._ct_tensors(expected, in_memory_report.quantized, torch.float32)
+        expected = compressed_tensors.pack_state(expected, in_memory_report.quantized, torch.float32)
     stored = Checkpoint(out)
     tied = {"lm_head.weight"} if in_memory.config.tie_word_embeddings else set()
     assert stored.names() == set(expected) - tied

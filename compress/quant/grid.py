@@ -56,7 +56,6 @@ class QuantGrid:
         levels = (1 << cfg.bits) - 1
         if cfg.symmetric:
             scale = Wg.abs().amax(dim=-1) / (levels / 2)  # (out, groups)
-            zero = None
         else:
             lo = Wg.amin(dim=-1).clamp(max=0)  # (out, groups)
             hi = Wg.amax(dim=-1).clamp(min=0)

@@ -1,0 +1,274 @@
+"""One decoder block compressed in ONE chunked forward over the calibration set (``BlockCompressor.run``).
+
+Each chunk runs the block in its own worker thread, one worker at a time (a baton, no parallelism): a worker
+reaching a group's first linear adds its input to the group's statistics and *parks* there, handing the baton
+back to the main thread; once every chunk is parked at the group, the main thread compresses the group and
+lets the workers run on, in turn, to the next group. So the groups are compressed in execution order, each on
+inputs the groups before it already compressed produce, for one forward's cost whatever the number of
+chunks.
+
+``run_bounded`` gets the same result with one chunk's activations alive: per group, every chunk runs the block
+up to that group and stops (``_Stop``); a last pass makes the outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from torch import nn
+
+from compress import models
+from compress.activations.histogram import AbsHistogram
+from compress.activations.positions import band_slices
+from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds, token_rms
+from compress.calibration.capture import BlockInputs
+from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
+from compress.config import Recipe
+from compress.kernels import allocator
+from compress.pruning import InputStats
+from compress.reports import LayerReport, QuantizedWeight
+from compress.weights import compress_weight, needs_hessian, needs_norms
+
+
+class _Stop(Exception):
+    """Unwinds a worker: the run was aborted, or (bounded mode) its pass reached the group it had to reach."""
+
+
+FINISHED = -1  # where a worker whose forward has ended is "parked"
+
+
+class BlockCompressor:
+    """Compresses one block's linear groups in execution order during one chunked forward (module docstring)."""
+
+    def __init__(self, block: nn.Module, groups: list[list[str]], recipe: Recipe, block_name: str, gram_stride: int,
+                 hist_stride: int = 1, act_edges: tuple[int, ...] = ()):
+        self.modules = models.linears(block)
+        self.groups = groups
+        self.group_of = {name: g for g, names in enumerate(groups) for name in names}
+        self.recipe = recipe
+        self.block_name = block_name
+        self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
+        self.with_mean = bool(recipe.prune and recipe.prune.refine == "dsnot")  # DSnoT's expected error
+        self.hist_stride = hist_stride
+        self.act_edges = act_edges  # position bands of the activation thresholds
+        self.stats: dict[int, tuple] = {}  # group -> _new_stats(group)
+        self.compressed: set[int] = set()
+        self.reports: list[LayerReport] = []
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self.block = block
+        self.act_targets = {name: recipe.act.target_for(f"{block_name}.{name}") for name in self.group_of} if recipe.act else {}
+        self.sparsifiers: dict[str, Sparsifier] = {}
+        self.act_thresholds: dict[str, torch.Tensor] = {}
+        self.gate_space: dict[str, str] = {}
+        self.up_outputs: dict[str, tuple[str, UpOutput]] = {}  # CHESS: gated down projection -> (up name, hook)
+        if recipe.act is not None and recipe.act.method == "chess":
+            for name, target in self.act_targets.items():
+                up = models.gated_up_projection(block, name) if target else None
+                if up is not None:
+                    self.up_outputs[name] = (up, UpOutput(collecting=True))
+        self._local = threading.local()
+        self._stop_at: int | None = None  # bounded mode: the group the current pass stops at
+
+    def hook(self, name: str, module: nn.Module, args: tuple):
+        """Pre-hook, run in a worker: feed the group's statistics once per chunk and park until the group is
+        compressed; then apply the linear's activation thresholds, if it has any."""
+        g = self.group_of[name]
+        if g not in self.compressed:
+            x = args[0]
+            if g not in self.stats:
+                self.stats[g] = self._new_stats(g, x.shape[-1])
+            gram, norms, hists = self.stats[g]
+            gram.update(x)
+            if norms is not None:
+                norms.update(x)
+            if hists is not None:
+                self._feed_histograms(name, x, hists)
+            if self._stop_at is None:
+                self._park(g)
+            elif g == self._stop_at:
+                raise _Stop  # bounded: this pass only had to reach the group
+            else:
+                raise RuntimeError(f"{self.block_name}: group {self.groups[g]} ran before {self.groups[self._stop_at]}")
+        sparsifier = self.sparsifiers.get(name)
+        return sparsifier(module, args) if sparsifier else None
+
+    def _feed_histograms(self, name: str, x: torch.Tensor, hists: list[AbsHistogram]) -> None:
+        """|x| histograms per position band (of the gate activations for CHESS's gated MLPs), over every
+        ``hist_stride``-th token, relative to each token's RMS with ``--act-scale token``. Only the sampled
+        tokens are transformed, and nothing outlives the call: the worker parks right after it, and a copy of
+        its chunk kept alive there is a copy per parked chunk."""
+        up = self.up_outputs[name][1].value if name in self.up_outputs else None
+        for hist, band in zip(hists, band_slices(self.act_edges, x.shape[-2])):
+            a = x[..., band, :].reshape(-1, x.shape[-1])[:: self.hist_stride]
+            if up is not None:
+                a = gate_activation(a, up[..., band, :].reshape(-1, up.shape[-1])[:: self.hist_stride])
+            if self.recipe.act.scale == "token":
+                a = a / token_rms(a)
+            hist.update(a)
+
+    def _new_stats(self, g: int, in_features: int) -> tuple[Gram, SquaredNorms | None, list[AbsHistogram] | None]:
+        """Accumulators for group ``g``'s input. Mean squares only for methods that read them, and not when
+        the Gram matrix holds them exactly on its diagonal (fp32 products of every token): apart, they cost
+        ~5% of a SparseGPT run."""
+        exact_diagonal = self.gram_stride == 1 and self.recipe.gram_precision == "fp32"
+        separate_norms = self.with_mean or (needs_norms(self.recipe) and not exact_diagonal)
+        targeted = any(self.act_targets.get(n) for n in self.groups[g])
+        return (Gram(in_features, stride=self.gram_stride, products=self.recipe.gram_precision),
+                SquaredNorms(in_features, self.with_mean) if separate_norms else None,
+                [AbsHistogram(in_features) for _ in range(len(self.act_edges) + 1)] if targeted else None)
+
+    def _park(self, g: int) -> None:
+        """In worker ``c``: note that it waits at group ``g``, hand the baton back to the main thread, and
+        wait until the main thread lets it run again (after the group is compressed)."""
+        c = self._local.chunk
+        self._parked_at[c] = g
+        self._yielded.release()
+        self._may_run[c].acquire()
+        if self._abort:
+            raise _Stop
+
+    def _step(self, c: int) -> None:
+        """In the main thread: let worker ``c`` run until it parks at a group or its forward ends (it hands the
+        baton back either way), then re-raise what it raised."""
+        self._may_run[c].release()
+        self._yielded.acquire()
+        if self._errors[c] is not None:
+            raise self._errors[c]
+
+    def run(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
+        """Compress every group; return the compressed block's outputs for each chunk."""
+        n = len(inputs)
+        self._may_run = [threading.Semaphore(0) for _ in range(n)]  # released by the main thread: worker c runs
+        self._yielded = threading.Semaphore(0)  # released by a worker when it parks or ends: the main thread runs
+        self._parked_at: list[int | None] = [None] * n  # the group each worker waits at, FINISHED when done
+        self._errors: list[BaseException | None] = [None] * n
+        self._abort = False
+        outputs: list[torch.Tensor | None] = [None] * n
+
+        def work(c: int) -> None:
+            self._may_run[c].acquire()
+            self._local.chunk = c
+            try:
+                if not self._abort:
+                    outputs[c] = forward_block(block, inputs[c], self.recipe.forward_precision)
+            except _Stop:
+                pass
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread by _step
+                self._errors[c] = err
+            finally:
+                self._parked_at[c] = FINISHED
+                self._yielded.release()
+
+        handles = self._install_hooks(block)
+        workers = [threading.Thread(target=work, args=(c,), name=f"{self.block_name}-chunk{c}", daemon=True) for c in range(n)]
+        for worker in workers:
+            worker.start()
+        try:
+            for g, names in enumerate(self.groups):
+                for c in range(n):
+                    self._step(c)
+                    if self._parked_at[c] != g:
+                        raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
+                self._compress_group(g)
+            for c in range(n):
+                self._step(c)
+            self._note_act_sparsity()
+        except BaseException:
+            self._abort = True
+            for c in range(n):
+                if self._parked_at[c] != FINISHED:
+                    self._may_run[c].release()
+            raise
+        finally:
+            for worker in workers:
+                worker.join()
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def _install_hooks(self, block: nn.Module) -> list:
+        handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
+        return handles + [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
+
+    def _note_act_sparsity(self) -> None:
+        """Each report's achieved activation sparsity on the calibration inputs, from its sparsifier's counts."""
+        for report in self.reports:
+            sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
+            report.act_sparsity = sparsifier.sparsity if sparsifier else None
+
+    def run_bounded(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
+        """``run``'s result with one chunk's activations alive at a time (module docstring): per group, a pass
+        over the chunks that stops at it; then a pass for the outputs."""
+        handles = self._install_hooks(block)
+        try:
+            for g, names in enumerate(self.groups):
+                self._stop_at = g
+                for inp in inputs:
+                    try:
+                        forward_block(block, inp, self.recipe.forward_precision)
+                    except _Stop:
+                        continue
+                    raise RuntimeError(f"{self.block_name}: the block's forward never called {names}")
+                self._compress_group(g)
+            self._stop_at = None
+            outputs = [forward_block(block, inp, self.recipe.forward_precision) for inp in inputs]
+            self._note_act_sparsity()
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    @torch.no_grad()
+    def _compress_group(self, g: int) -> None:
+        allocator.trim()  # blocks cached by the forward: compressing allocates other shapes, the next stretch too
+        gram, norms, hists = self.stats.pop(g)
+        stats = InputStats(gram.finalize(), *((norms.finalize(), norms.mean()) if norms else ()))
+        for name in self.groups[g]:
+            start = time.perf_counter()
+            W = models.weight_view(self.modules[name])  # (out, in), a view of the module's weight
+            W32 = W.to(torch.float32, copy=True)  # the original, kept for the error
+            result = compress_weight(W32, stats, self.recipe, scale_dtype=W.dtype)
+            W.copy_(result.W.to(W.dtype))
+            W_hat = W.float()
+            full = f"{self.block_name}.{name}"
+            grid = result.grid
+            if grid is not None:
+                self.quantized[full] = QuantizedWeight(result.codes, grid)
+            self.reports.append(LayerReport(
+                name=full,
+                shape=tuple(W.shape),
+                target_sparsity=self.recipe.prune.pattern.sparsity if self.recipe.prune else 0.0,
+                sparsity=float((W_hat == 0).float().mean()),
+                rel_error=reconstruction_error(W32, W_hat, stats.G),
+                error_tokens=gram.tokens,
+                seconds=time.perf_counter() - start,
+                bits=grid.bits if grid else None,
+                group_size=grid.group_size if grid else None,
+                act_target=self.act_targets.get(name),
+            ))
+            if self.act_targets.get(name):
+                up_name, up = self.up_outputs.get(name, (None, None))
+                t = torch.stack([thresholds(hist, self.recipe.act.method, self.act_targets[name], W_hat,
+                                            models.is_attention(self.block, name), up.mean_abs if up else None)
+                                 for hist in hists])
+                t = t[0] if len(t) == 1 else t
+                self.sparsifiers[name] = Sparsifier(t, self.act_edges, up=up, token_scale=self.recipe.act.scale == "token")
+                self.act_thresholds[full] = t
+                if up is not None:
+                    up.collecting = False
+                    self.gate_space[full] = f"{self.block_name}.{up_name}"
+        self.compressed.add(g)
+        allocator.trim()
+
+
+def forward_block(block: nn.Module, inp: BlockInputs, precision: str = "fp32") -> torch.Tensor:
+    """``block``'s output hidden states for ``inp``, in its dtype; ``precision="bf16"``: an fp32 model's under
+    bf16 autocast (entered here: autocast is per thread, and the chunks run in workers). A bf16 or fp16 model
+    runs in its own dtype: autocast would only round an fp16 model's matmul inputs to fewer mantissa bits."""
+    bf16 = precision == "bf16" and inp.hidden.dtype == torch.float32
+    with torch.inference_mode(), torch.autocast(inp.hidden.device.type, torch.bfloat16, enabled=bf16):
+        out = block(inp.hidden, *inp.args, **inp.kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.to(inp.hidden.dtype)

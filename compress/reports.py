@@ -1,0 +1,103 @@
+"""What a compression run reports, and the state it resumes from: plain data both the pipeline, which makes
+them, and the exports, which write them, import."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from compress.quant.grid import QuantGrid
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    target_sparsity: float
+    sparsity: float
+    rel_error: float  # ‖WX − ŴX‖/‖WX‖ on `error_tokens` calibration tokens
+    error_tokens: int
+    seconds: float
+    bits: int | None = None  # quantized to this many bits, None if not quantized
+    group_size: int | None = None
+    act_target: float | None = None  # target fraction of zeroed input activations, None if not targeted
+    act_sparsity: float | None = None  # achieved on the calibration inputs
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer form of a quantized linear, for compressed exports: ``W = grid.decode(codes)``."""
+
+    codes: torch.Tensor  # (out, in) int8
+    grid: QuantGrid
+
+
+@dataclass
+class BlockReport:
+    index: int
+    seconds: float
+    layers: list[LayerReport]
+
+    @property
+    def mean_error(self) -> float:
+        return sum(layer.rel_error for layer in self.layers) / max(len(self.layers), 1)
+
+
+@dataclass
+class Report:
+    recipe: str
+    seconds: float = 0.0
+    blocks: list[BlockReport] = field(default_factory=list)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)  # by full linear name
+    # by full linear name: (in,), or (bands, in) with position bands starting at act_edges
+    act_thresholds: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    act_edges: tuple[int, ...] = ()
+    gate_space: dict[str, str] = field(default_factory=dict)  # CHESS: down projection -> its up projection
+
+    @property
+    def layers(self) -> list[LayerReport]:
+        return [layer for block in self.blocks for layer in block.layers]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all compressed linears' weights."""
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "seconds": self.seconds, "sparsity": self.sparsity,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The report as compression.json records it (its layers in one block: blocks are not recorded)."""
+        layers = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in data["layers"]]
+        return cls(data["recipe"], data["seconds"], [BlockReport(0, data["seconds"], layers)])
+
+
+@dataclass
+class BlockState:
+    """Everything a run needs to continue at ``next_block``: that block's input hidden states (one tensor per
+    calibration chunk) and the report so far. ``BlockIO.done`` receives it after every block."""
+
+    next_block: int
+    hidden: list[torch.Tensor]
+    blocks: list[BlockReport]
+    act_thresholds: dict[str, torch.Tensor]
+    gate_space: dict[str, str]
+
+    def to_parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """A JSON-able dict and a dict of tensors (for safetensors)."""
+        meta = {"next_block": self.next_block, "chunks": len(self.hidden), "gate_space": self.gate_space,
+                "blocks": [{"index": b.index, "seconds": b.seconds, "layers": [asdict(r) for r in b.layers]} for b in self.blocks]}
+        tensors = {f"hidden.{c}": h.contiguous() for c, h in enumerate(self.hidden)}
+        tensors.update({f"act.{name}": t.contiguous() for name, t in self.act_thresholds.items()})
+        return meta, tensors
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "BlockState":
+        blocks = [BlockReport(b["index"], b["seconds"], [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in b["layers"]])
+                  for b in meta["blocks"]]
+        return cls(meta["next_block"], [tensors[f"hidden.{c}"] for c in range(meta["chunks"])], blocks,
+                   {n[len("act."):]: t for n, t in tensors.items() if n.startswith("act.")}, meta["gate_space"])
