@@ -12,6 +12,34 @@ def prune(model: str, recipe, out, **options):
     return run(model, recipe, out, **options)
 
 
+def evaluate(model: str, ppl: str | None = None, tasks=(), **options) -> dict:
+    """What ``compress eval`` measures (``compress.evals.evaluate.evaluate``): perplexity and lm-eval accuracy."""
+    from compress.evals.evaluate import evaluate as run
+
+    return run(model, ppl, tasks, **options)
+
+
+def info(folder) -> dict:
+    """What ``compress info`` prints (``compress.export.reading.info``): per-layer sparsity, bits, bytes, totals."""
+    from compress.export.reading import info as run
+
+    return run(folder)
+
+
+def generate(model: str, prompt: str, max_new_tokens: int = 32, **options) -> dict:
+    """What ``compress generate`` does (``compress.bench.generate``): greedy text and decode speed."""
+    from compress.bench import generate as run
+
+    return run(model, prompt, max_new_tokens, **options)
+
+
+def bench(folder, **options) -> dict:
+    """What ``compress bench`` measures (``compress.bench.run``): GEMV and decode speed against dense."""
+    from compress.bench import run
+
+    return run(folder, **options)
+
+
 def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
     """Load a model as compress would run it: a transformers causal LM (hub id, folder or .gguf) with the
     folder's activation thresholds installed (inputs below them are zeroed before each targeted linear, with

@@ -8,14 +8,18 @@ slower period of a shared machine hits them alike. Decode speed excludes the pre
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compress.kernels.linear import PackedEmbedding, PackedLinear
+
+log = logging.getLogger(__name__)
 
 PROMPT = "The history of the city began"
 
@@ -145,3 +149,80 @@ def llama_cpp_speed(gguf: str, prompt: str, new_tokens: int, threads: int, repea
             llm(prompt, max_tokens=new_tokens, temperature=0.0)
             rates.append(new_tokens / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def generate(model: str, prompt: str, max_new_tokens: int = 32, *, threads: int | None = None, dtype: str = "auto",
+             compile: bool = False) -> dict:
+    """``compress generate``: greedy continuation of ``prompt`` by ``model`` as ``compress.load`` runs it, with
+    the decode speed (prefill and the first token timed apart; ``compile`` compiles outside the timing).
+
+    Raises:
+        ValueError: a bad option or model, named.
+    """
+    from compress import load
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads} must be at least 1")
+    lm, tokenizer = load(model, dtype, with_tokenizer=True)
+    if threads:
+        torch.set_num_threads(threads)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if compile:
+        log.info("compiling the decode step (torch.compile, inductor)")
+        start = time.perf_counter()
+        greedy(lm, ids, 2, compiled=True)
+        log.info("compiled in %.0f s", time.perf_counter() - start)
+    start = time.perf_counter()
+    greedy(lm, ids, 1, compile)  # prefill and one token, timed apart
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    out = greedy(lm, ids, max_new_tokens, compile)
+    total = time.perf_counter() - start
+    return {"text": prompt + tokenizer.decode(out, skip_special_tokens=True), "new_tokens": len(out),
+            "seconds": total, "decode_tokens_per_s": (len(out) - 1) / max(total - prefill, 1e-9),
+            "prompt_tokens": ids.shape[1], "prefill_ms": prefill * 1e3, "threads": torch.get_num_threads()}
+
+
+def run(folder: Path, threads: tuple[int, ...] = (1, 2), new_tokens: int = 128, repeats: int = 3, prompt: str = PROMPT,
+        compile: bool = False) -> dict:
+    """``compress bench``: per-layer GEMV and greedy decode speed of a compress output folder, against the dense
+    export of the same weights and the dense original (from compression.json), and llama.cpp on the original's
+    GGUF when llama-cpp-python is installed; per thread count.
+
+    Raises:
+        ValueError: a bad option, or a folder compress did not write.
+    """
+    from compress import export, load, models
+
+    if new_tokens < 2 or repeats < 1 or min(threads) < 1:
+        raise ValueError(f"--new-tokens {new_tokens} must be >= 2, --repeats {repeats} and --threads {list(threads)} >= 1")
+    meta = export.read_metadata(folder)
+    if meta is None:
+        raise ValueError(f"{str(folder)!r} has no compression.json: pass a folder written by compress prune")
+    lm, tokenizer = load(str(folder), with_tokenizer=True)
+    source = meta.get("source_model")
+    contenders = {"compressed": lm, "dense export": dense_twin(lm)}
+    try:
+        contenders["dense original"] = models.load(source)[0] if source else None
+    except ValueError as err:
+        log.warning("dense original %s not loadable (%s): compared with the dense export only", source, err)
+    contenders = {k: v for k, v in contenders.items() if v is not None}
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    first = {name: greedy(m, ids, 32) for name, m in contenders.items()}
+    results = {"model": str(folder), "source_model": source, "prompt": prompt, "new_tokens": new_tokens,
+               "repeats": repeats, "same_first_32_tokens_as_dense_export":
+                   bool(torch.equal(first["compressed"], first["dense export"])), "by_threads": {}}
+    for n in threads:
+        torch.set_num_threads(n)
+        rows = gemv(lm, repeats=max(repeats, 11))
+        rates = decode_speed(contenders, ids, new_tokens, repeats)
+        if compile:
+            for m in contenders.values():  # compile outside the timed runs
+                greedy(m, ids, 2, compiled=True)
+            compiled = decode_speed(contenders, ids, new_tokens, repeats, compiled=True)
+            rates.update({f"{name} (compiled)": rate for name, rate in compiled.items()})
+        llama = llama_cpp_speed(source, prompt, new_tokens, n, repeats) if source and source.endswith(".gguf") else None
+        results["by_threads"][n] = {"gemv": rows, "decode_tokens_per_s": rates, "llama_cpp_tokens_per_s": llama}
+    return results

@@ -7,14 +7,13 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from compress import load as compress_load
 from compress import pruning as prune_methods
+from compress.bench import PROMPT
 from compress.kernels import allocator
 
 app = typer.Typer(
@@ -227,75 +226,35 @@ def evaluate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Perplexity (the Wanda/SparseGPT papers' protocol) and lm-eval accuracy of MODEL, dense or compressed."""
-    from tqdm import tqdm
-
-    from compress import export, models, outputs
-    from compress.calibration.data import read_text
-    from compress.evals.perplexity import PROTOCOL, perplexity
-    from compress.evals.zeroshot import TaskError, set_offline, zero_shot
+    from compress.evals.evaluate import evaluate as run_eval
+    from compress.evals.perplexity import PROTOCOL
 
     _setup_logging(verbose)
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
-    if ppl is None and not task_list:
-        ppl = "wikitext2"
     try:
-        if limit is not None and limit < 1:
-            raise ValueError(f"--limit {limit} must be at least 1")
-        if seqlen < 2 or batch_size < 1:
-            raise ValueError(f"--seqlen {seqlen} must be >= 2 and --batch-size {batch_size} >= 1")
-        if include_path is not None and not include_path.is_dir():
-            raise ValueError(f"--include-path {str(include_path)!r} is not a folder: pass the folder of your task YAMLs")
-        if offline:
-            set_offline()
-        if ppl not in (None, "wikitext2"):
-            read_text(ppl)
-        dev = models.resolve_device(device)
-        start = time.perf_counter()
-        lm, tokenizer = compress_load(model, dtype, with_tokenizer=True)
-        load_seconds = time.perf_counter() - start
+        out = run_eval(model, ppl, [t.strip() for t in (tasks or "").split(",") if t.strip()],
+                       include_path=include_path, num_fewshot=num_fewshot, seed=seed, offline=offline, seqlen=seqlen,
+                       limit=limit, batch_size=batch_size, device=device, dtype=dtype)
     except ValueError as err:
         _fail(str(err))
-    lm.to(dev)
-    sparsifiers = lm.compress_sparsifiers
-    out = {"model": model}
-    if ppl is not None:
-        try:
-            with tqdm(desc="perplexity", unit="window", file=sys.stderr) as bar:
-                def on_window(done, total):
-                    bar.total = total
-                    bar.update(done - bar.n)
-
-                start = time.perf_counter()
-                result = perplexity(lm, tokenizer, ppl, seqlen, limit, batch_size, dev, on_window)
-        except ValueError as err:  # a text shorter than one window, the hub's text out of reach
-            _fail(f"--ppl {ppl}: {err}")
-        out.update(result.to_dict(), ppl_seconds=time.perf_counter() - start)
-        typer.echo(f"perplexity {result.ppl:.4f} on {ppl}: {result.windows} windows x {result.seqlen} tokens")
+    if "ppl" in out:
+        typer.echo(f"perplexity {out['ppl']:.4f} on {out['source']}: {out['windows']} windows x {out['seqlen']} tokens")
         typer.echo(f"protocol: {PROTOCOL}")
-    if task_list:
-        try:
-            zs = zero_shot(lm, tokenizer, task_list, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                           seed=seed, include_path=str(include_path) if include_path else None)
-        except TaskError as err:
-            _fail(str(err))
-        out["zero_shot"] = zs.to_dict()
-        for task, metrics in zs.tasks.items():
-            shown = ", ".join(f"{k} {v:.4f} ± {metrics.get(k + '_stderr', float('nan')):.4f}"
-                              for k, v in metrics.items() if not k.endswith("_stderr"))
-            typer.echo(f"{task}: {shown}")
-    act = {name: hook.sparsity for name, hook in sparsifiers.items()}
-    if act:
-        first = next(iter(sparsifiers.values()))
-        edges = first.edges.tolist()
-        bands = f"thresholds per position band from 0, {', '.join(map(str, edges))}" if edges else "one threshold set per linear"
-        bands += ", relative to each token's input RMS" if first.token_scale else ", absolute"
-        typer.echo(f"activation sparsity on the evaluated text ({'decode steps only, prefill dense' if first.dense_prefill else 'every token'}; "
-                   f"{bands}): mean {sum(act.values()) / len(act):.4f}, min {min(act.values()):.4f}, "
-                   f"max {max(act.values()):.4f} over {len(act)} linears")
+    for task, metrics in (out.get("zero_shot") or {}).get("tasks", {}).items():
+        typer.echo(f"{task}: " + ", ".join(f"{k} {v:.4f} ± {metrics.get(k + '_stderr', float('nan')):.4f}"
+                                           for k, v in metrics.items() if not k.endswith("_stderr")))
+    if out["activation_sparsity"]:
+        typer.echo(_activation_line(out["activation_sparsity"], out["activation_setup"]))
     if json_out:
-        out.update(compression=export.read_metadata(Path(model)) if Path(model).is_dir() else None,
-                   activation_sparsity=act or None, load_seconds=load_seconds, versions=outputs.versions())
         _write_json(json_out, out)
+
+
+def _activation_line(act: dict[str, float], setup: dict) -> str:
+    edges = setup["position_bands_from"]
+    bands = f"thresholds per position band from 0, {', '.join(map(str, edges))}" if edges else "one threshold set per linear"
+    bands += ", relative to each token's input RMS" if setup["token_scale"] else ", absolute"
+    tokens = "decode steps only, prefill dense" if setup["dense_prefill"] else "every token"
+    return (f"activation sparsity on the evaluated text ({tokens}; {bands}): mean {sum(act.values()) / len(act):.4f}, "
+            f"min {min(act.values()):.4f}, max {max(act.values()):.4f} over {len(act)} linears")
 
 
 @app.command()
@@ -312,38 +271,17 @@ def generate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Greedy continuation of PROMPT by MODEL as compress.load runs it, with the decode speed."""
-    import torch
-
-    from compress.bench import greedy
+    from compress.bench import generate as run_generate
 
     _setup_logging(verbose)
     try:
-        if max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-        if threads is not None and threads < 1:
-            raise ValueError(f"--threads {threads} must be at least 1")
-        lm, tokenizer = compress_load(model, dtype, with_tokenizer=True)
+        out = run_generate(model, prompt, max_new_tokens, threads=threads, dtype=dtype, compile=compile)
     except ValueError as err:
         _fail(str(err))
-    if threads:
-        torch.set_num_threads(threads)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    if compile:
-        log.info("compiling the decode step (torch.compile, inductor)")
-        start = time.perf_counter()
-        greedy(lm, ids, 2, compiled=True)
-        log.info("compiled in %.0f s", time.perf_counter() - start)
-    start = time.perf_counter()
-    greedy(lm, ids, 1, compile)  # prefill and one token, timed apart
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    out = greedy(lm, ids, max_new_tokens, compile)
-    total = time.perf_counter() - start
-    new = len(out)
-    typer.echo(prompt + tokenizer.decode(out, skip_special_tokens=True))
-    decode = max(total - prefill, 1e-9)
-    typer.echo(f"\n{new} new tokens in {total:.2f} s; decode {(new - 1) / decode:.1f} tokens/s "
-               f"(prefill of {ids.shape[1]} tokens {prefill * 1e3:.0f} ms, {torch.get_num_threads()} threads)", err=True)
+    typer.echo(out["text"])
+    typer.echo(f"\n{out['new_tokens']} new tokens in {out['seconds']:.2f} s; decode {out['decode_tokens_per_s']:.1f} "
+               f"tokens/s (prefill of {out['prompt_tokens']} tokens {out['prefill_ms']:.0f} ms, {out['threads']} "
+               f"threads)", err=True)
 
 
 @app.command()
@@ -352,7 +290,7 @@ def bench(
     threads: Annotated[Optional[list[int]], typer.Option(help="Thread counts to measure (repeat the option).")] = None,
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens per decode measurement.")] = 128,
     repeats: Annotated[int, typer.Option(help="Runs per figure (medians).")] = 3,
-    prompt: Annotated[str, typer.Option(help="Decode prompt.")] = "The history of the city began",
+    prompt: Annotated[str, typer.Option(help="Decode prompt.")] = PROMPT,
     compile: Annotated[bool, typer.Option("--compile", help="Also measure every model's decode through "
                                           "torch.compile (as compress generate --compile).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
@@ -361,61 +299,37 @@ def bench(
     """Per-layer GEMV and end-to-end greedy decode speed of MODEL vs the dense original (from its
     compression.json) and vs the dense export of the same compressed weights; llama.cpp on the original's GGUF
     when llama-cpp-python is installed."""
-    import torch
-
     from compress import bench as speed
-    from compress import export, models
 
     _setup_logging(verbose)
-    threads = threads or [1, 2]
     try:
-        if new_tokens < 2 or repeats < 1 or min(threads) < 1:
-            raise ValueError(f"--new-tokens {new_tokens} must be >= 2, --repeats {repeats} and --threads {threads} >= 1")
-        meta = export.read_metadata(model)
-        if meta is None:
-            raise ValueError(f"{str(model)!r} has no compression.json: pass a folder written by compress prune")
-        lm, tokenizer = compress_load(str(model), with_tokenizer=True)
+        results = speed.run(model, tuple(threads or (1, 2)), new_tokens, repeats, prompt, compile)
     except ValueError as err:
         _fail(str(err))
-    source = meta.get("source_model")
-    contenders = {"compressed": lm, "dense export": speed.dense_twin(lm)}
-    try:
-        contenders["dense original"] = models.load(source)[0] if source else None
-    except ValueError as err:
-        log.warning("dense original %s not loadable (%s): compared with the dense export only", source, err)
-    contenders = {k: v for k, v in contenders.items() if v is not None}
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    first = {name: speed.greedy(m, ids, 32) for name, m in contenders.items()}
-    same_32 = bool(torch.equal(first["compressed"], first["dense export"]))
-    results = {"model": str(model), "source_model": source, "prompt": prompt, "new_tokens": new_tokens,
-               "repeats": repeats, "same_first_32_tokens_as_dense_export": same_32, "by_threads": {}}
-    typer.echo(f"first 32 greedy tokens identical to the dense export of the same weights: {same_32}")
-    for n in threads:
-        torch.set_num_threads(n)
-        rows = speed.gemv(lm, repeats=max(repeats, 11))
-        rates = speed.decode_speed(contenders, ids, new_tokens, repeats)
-        if compile:
-            for m in contenders.values():  # compile outside the timed runs
-                speed.greedy(m, ids, 2, compiled=True)
-            compiled = speed.decode_speed(contenders, ids, new_tokens, repeats, compiled=True)
-            rates.update({f"{name} (compiled)": rate for name, rate in compiled.items()})
-        llama = speed.llama_cpp_speed(source, prompt, new_tokens, n, repeats) if source and source.endswith(".gguf") else None
-        results["by_threads"][n] = {"gemv": rows, "decode_tokens_per_s": rates, "llama_cpp_tokens_per_s": llama}
+    typer.echo(f"first 32 greedy tokens identical to the dense export of the same weights: "
+               f"{results['same_first_32_tokens_as_dense_export']}")
+    for n, measured in results["by_threads"].items():
         typer.echo(f"\n{n} thread(s)")
-        typer.echo(f"{'layer':<40}{'layout':>12}{'shape':>12}{'ours ms':>9}{'fp32 ms':>9}{'bf16 ms':>9}{'int4 ms':>9}{'GB/s':>7}")
-        for r in rows:
-            ms = r["ms"]
-            typer.echo(f"{r['layer']:<40}{r['layout']:>12}{'x'.join(map(str, r['shape'])):>12}{ms['ours']:>9.3f}"
-                       f"{ms['fp32']:>9.3f}{ms['bf16']:>9.3f}{ms.get('torch int4', float('nan')):>9.3f}{r['GBps']:>7.1f}")
-        base = rates.get("dense original") or rates["dense export"]
-        for name, rate in rates.items():
-            typer.echo(f"decode {name:<27} {rate:7.1f} tokens/s  ({rate / base:.2f}x)")
-        if llama is not None:
-            best = max(rate for name, rate in rates.items() if name.startswith("compressed"))
-            typer.echo(f"decode {'llama.cpp (GGUF)':<27} {llama:7.1f} tokens/s  ({llama / base:.2f}x); compressed "
-                       f"(fastest) is {best / llama:.2f}x llama.cpp")
+        _print_speed(measured)
     if json_out:
         _write_json(json_out, results)
+
+
+def _print_speed(measured: dict) -> None:
+    """One thread count's GEMV table and decode rates (``bench.run``'s ``by_threads`` entry)."""
+    typer.echo(f"{'layer':<40}{'layout':>12}{'shape':>12}{'ours ms':>9}{'fp32 ms':>9}{'bf16 ms':>9}{'int4 ms':>9}{'GB/s':>7}")
+    for r in measured["gemv"]:
+        ms = r["ms"]
+        typer.echo(f"{r['layer']:<40}{r['layout']:>12}{'x'.join(map(str, r['shape'])):>12}{ms['ours']:>9.3f}"
+                   f"{ms['fp32']:>9.3f}{ms['bf16']:>9.3f}{ms.get('torch int4', float('nan')):>9.3f}{r['GBps']:>7.1f}")
+    rates, llama = measured["decode_tokens_per_s"], measured["llama_cpp_tokens_per_s"]
+    base = rates.get("dense original") or rates["dense export"]
+    for name, rate in rates.items():
+        typer.echo(f"decode {name:<27} {rate:7.1f} tokens/s  ({rate / base:.2f}x)")
+    if llama is not None:
+        best = max(rate for name, rate in rates.items() if name.startswith("compressed"))
+        typer.echo(f"decode {'llama.cpp (GGUF)':<27} {llama:7.1f} tokens/s  ({llama / base:.2f}x); compressed "
+                   f"(fastest) is {best / llama:.2f}x llama.cpp")
 
 
 @app.command()
@@ -426,18 +340,10 @@ def report(
 ) -> None:
     """Compare evaluated models: a markdown table (dense first, deltas vs dense) and plots vs sparsity. Runs
     measured under another protocol than the dense run (text, windows, tasks, limits) get a table of their own."""
-    from compress import outputs
-    from compress.evals.report import markdown, plot, read_run
+    from compress.evals.report import write
 
     try:
-        runs = [read_run(path) for path in results]
-        with outputs.claim(out, overwrite, inputs=tuple(map(str, results)), marker=REPORT_MARKER) as target:
-            table = markdown(runs)
-            with target.writing() as tmp:
-                (tmp / "report.md").write_text(table + "\n")
-                plots = plot(runs, tmp)
-                (tmp / REPORT_MARKER).write_text(json.dumps({"results": [str(p) for p in results],
-                                                              "versions": outputs.versions()}, indent=2) + "\n")
+        table, plots = write(results, out, overwrite)
     except ValueError as err:
         _fail(str(err))
     except OSError as err:
@@ -446,48 +352,33 @@ def report(
     typer.echo(f"\nwrote {out / 'report.md'} and {', '.join(p.name for p in plots)}")
 
 
-REPORT_MARKER = "report.json"  # marks a folder compress report wrote (what --overwrite may replace)
-
-
 @app.command()
 def info(
     folder: Annotated[Path, typer.Argument(help="A folder written by compress prune (or any safetensors model).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Per-layer sparsity, bits, group size and bytes, read from the stored weights themselves, and totals."""
-    from compress import export
+    from compress.export.reading import info as read_info
 
-    if not folder.is_dir():
-        _fail(f"{str(folder)!r} is not a folder: pass an output folder of compress prune")
     try:
-        rows = export.layer_table(folder)
-        meta = export.read_metadata(folder)
+        found = read_info(folder)
     except ValueError as err:
         _fail(str(err))
-    numel = lambda r: r["shape"][0] * r["shape"][1]  # noqa: E731
-    linear_rows = [r for r in rows if r["in_block"]]
-    total = sum(numel(r) for r in linear_rows) or 1
-    all_total = sum(numel(r) for r in rows) or 1
-    summary = {"block_linears_sparsity": sum(r["sparsity"] * numel(r) for r in linear_rows) / total,
-               "all_weights_sparsity": sum(r["sparsity"] * numel(r) for r in rows) / all_total,
-               "block_linears_bytes": sum(r["bytes"] for r in linear_rows),
-               "block_linears_bits_per_weight": 8 * sum(r["bytes"] for r in linear_rows) / total,
-               "recipe": meta.get("recipe") if meta else None}
     if as_json:
-        typer.echo(json.dumps({"layers": rows, **summary}, indent=2))
+        typer.echo(json.dumps({k: v for k, v in found.items() if k not in ("summary", "format", "calibration")}, indent=2))
         return
+    rows = found["layers"]
     width = max(len(r["name"]) for r in rows)
     typer.echo(f"{'tensor':<{width}}  {'shape':>14}  {'sparsity':>8}  {'N:M':>4}  {'bits':>4}  {'group':>5}  {'bytes':>10}")
     for r in rows:
         typer.echo(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['sparsity']:>8.4f}  {r['nm']:>4}  "
                    f"{r['bits']:>4}  {r['group_size'] or '-':>5}  {r['bytes']:>10}")
-    typer.echo(f"\ndecoder linears: {summary['block_linears_sparsity']:.4f} zeros, "
-               f"{summary['block_linears_bytes'] / 2**20:.2f} MiB on disk "
-               f"({summary['block_linears_bits_per_weight']:.2f} bits per weight); "
-               f"all 2-D weights: {summary['all_weights_sparsity']:.4f} zeros")
-    if meta:
-        typer.echo(f"recipe: {meta['report'].get('recipe')}, format {meta.get('format', 'dense')}, "
-                   f"calibration {meta['calibration']}")
+    typer.echo(f"\ndecoder linears: {found['block_linears_sparsity']:.4f} zeros, "
+               f"{found['block_linears_bytes'] / 2**20:.2f} MiB on disk "
+               f"({found['block_linears_bits_per_weight']:.2f} bits per weight); "
+               f"all 2-D weights: {found['all_weights_sparsity']:.4f} zeros")
+    if found["recipe"]:
+        typer.echo(f"recipe: {found['summary']}, format {found['format']}, calibration {found['calibration']}")
 
 
 def main() -> None:

@@ -156,3 +156,26 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / file)
     return written
+
+
+MARKER = "report.json"  # marks a folder compress report wrote (what --overwrite may replace)
+
+
+def write(results: list[Path], out: Path, overwrite: bool = False) -> tuple[str, list[Path]]:
+    """``compress report``: read ``results`` (``compress eval --json`` files), write ``report.md``, the plots
+    and ``report.json`` to the folder ``out`` (claimed and renamed into place as every output).
+
+    Returns:
+        The markdown table and the plots written.
+    """
+    from compress import outputs
+
+    runs = [read_run(path) for path in results]
+    with outputs.claim(Path(out), overwrite, inputs=tuple(map(str, results)), marker=MARKER) as target:
+        table = markdown(runs)
+        with target.writing() as tmp:
+            (tmp / "report.md").write_text(table + "\n")
+            plots = plot(runs, tmp)
+            (tmp / MARKER).write_text(json.dumps({"results": [str(p) for p in results], "versions": outputs.versions()},
+                                                 indent=2) + "\n")
+    return table, [Path(out) / p.name for p in plots]

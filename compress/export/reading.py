@@ -122,3 +122,30 @@ def layer_table(folder: Path) -> list[dict]:
 def _satisfies_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:
     rows, cols = nonzero.shape
     return cols % m == 0 and bool((nonzero.reshape(rows, cols // m, m).sum(-1) <= n).all())
+
+
+def info(folder: Path) -> dict:
+    """``compress info``: ``layer_table``'s rows and the totals over the decoder blocks' linears and over every
+    2-D weight, with the folder's recipe, format and calibration when compress wrote it.
+
+    Raises:
+        OutputError: not a folder, or no readable safetensors in it.
+        checkpoint.CheckpointError: a damaged file, named.
+    """
+    if not Path(folder).is_dir():
+        raise OutputError(f"{str(folder)!r} is not a folder: pass an output folder of compress prune")
+    rows = layer_table(folder)
+    meta = read_metadata(folder) or {}
+
+    def numel(row):
+        return row["shape"][0] * row["shape"][1]
+
+    linear_rows = [r for r in rows if r["in_block"]]
+    total = sum(numel(r) for r in linear_rows) or 1
+    return {"layers": rows,
+            "block_linears_sparsity": sum(r["sparsity"] * numel(r) for r in linear_rows) / total,
+            "all_weights_sparsity": sum(r["sparsity"] * numel(r) for r in rows) / (sum(numel(r) for r in rows) or 1),
+            "block_linears_bytes": sum(r["bytes"] for r in linear_rows),
+            "block_linears_bits_per_weight": 8 * sum(r["bytes"] for r in linear_rows) / total,
+            "recipe": meta.get("recipe"), "summary": meta.get("report", {}).get("recipe"),
+            "format": meta.get("format", "dense") if meta else None, "calibration": meta.get("calibration")}
