@@ -18,7 +18,6 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
 IGNORE = ["re:.*lm_head"]
 
 

@@ -4,7 +4,8 @@ Protocol (issue 2): calibration 128 x 512 tokens from WikiText-2 valid.txt (seed
 windows of 1024 tokens, first 50 windows, fp32. Both tools get the very same calibration token windows.
 Both tools prune the same dense fp32 safetensors folder (the GGUF dequantized once). The peer's script
 runs with ``python -P`` (no script folder on ``sys.path``), so no file of this folder shadows a package it imports
-(the GEMV benchmark is ``gemv.py``, not ``kernels.py``, for the ``kernels`` package transformers imports). Each prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
+(the GEMV benchmark is ``gemv.py``, not ``kernels.py``, for the ``kernels`` package transformers imports). Each
+prune runs as its own process (``compress prune`` and ``benchmarks/llmcompressor_run.py`` in the peer's
 venv), one at a time; wall time, and peak RSS from GNU time on that process (see ``timed``). With
 ``--repeat N`` each pair runs N times, alternating the tools (so a slow spell of this shared machine hits both),
 and the table gives the median seconds and the median peak RSS; every run's figures, with the CPU time the

@@ -251,7 +251,7 @@ class BlockCompressor:
             if self.act_targets.get(name):
                 up_name, up = self.up_outputs.get(name, (None, None))
                 t = torch.stack([thresholds(hist, self.recipe.act.method, self.act_targets[name], W_hat,
-                                            models.is_attention(self.block, name), up.mean_abs if up else None)
+                                            up.mean_abs if up else None)
                                  for hist in hists])
                 t = t[0] if len(t) == 1 else t
                 self.sparsifiers[name] = Sparsifier(t, self.act_edges, up=up, token_scale=self.recipe.act.scale == "token")

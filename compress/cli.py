@@ -130,7 +130,8 @@ def prune(
                                                    "AMX, moves a block's output by ~1%) | auto (bf16 on CPUs with "
                                                    "AMX, else fp32).")] = "auto",
     device: Annotated[str, typer.Option(help="Where the work happens: auto | cpu | cuda[:N]. Weights rest on CPU.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Model dtype: auto (checkpoint's; float32 for .gguf) | float32 | bfloat16 | float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto (checkpoint's; float32 for .gguf) | float32 | "
+                                       "bfloat16 | float16.")] = "auto",
     chunk_samples: Annotated[int, typer.Option(help="Calibration samples per forward chunk (0: default 8). Same result "
                                                "for any value, one forward per block; smaller uses less memory.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder, once the new one is complete: "

@@ -111,6 +111,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
                     report = pipeline.compress_sequential(lm, tokens, recipe, device=dev,
                                                           chunk_samples=chunk_samples or None, on_block=on_block,
                                                           io=output, bounded=plan.bounded)
+            sparse24 = recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)
             metadata = {
                 "source_model": model,
                 "recipe": recipe.to_dict(),
@@ -120,7 +121,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
                 "device": str(dev),
                 "storage": export.storage_bytes(report, fmt, next(lm.parameters()).dtype,
                                                 symmetric=recipe.quant is None or recipe.quant.symmetric,
-                                                sparse24=recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)),
+                                                sparse24=sparse24),
                 "report": {**report.to_dict(), "coverage": coverage.to_dict()},
             }
             output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds,

@@ -41,24 +41,39 @@ def test_streaming_thresholds_match_exact_quantiles_within_1_percent(sparsity):
     assert hist.threshold(sparsity, w) == pytest.approx(float(exact_weighted), rel=0.01)
 
 
-@pytest.mark.parametrize("method", ["teal", "chess", "wina"])
-@pytest.mark.parametrize("attention", [True, False])
-def test_thresholds_give_the_calibrated_sparsity_on_the_calibration_inputs(method, attention):
+@pytest.mark.parametrize("method", ["teal", "chess", "chess-gated", "wina"])
+def test_thresholds_give_the_calibrated_sparsity_on_the_calibration_inputs(method):
     X = _samples(seed=1)
     W = torch.randn(32, X.shape[1])
+    W[:, 0] *= 4  # one heavy column: WINA keeps more of channel 0
+    up = torch.rand(X.shape[1]) + 0.5 if method == "chess-gated" else None  # E|up_j| of a gated MLP
     hist = AbsHistogram(X.shape[1])
     hist.update(X)
-    t = thresholds(hist, method, 0.4, W, attention)
+    t = thresholds(hist, method.removesuffix("-gated"), 0.4, W, up)
+    teal = thresholds(hist, "teal", 0.4, W)
+    if method == "chess":  # off a gated MLP's down projection CHESS is TEAL: one threshold
+        assert torch.equal(t, teal)
+    elif method == "chess-gated":  # channel-wise T / E|up_j|: the product with E|up_j| is one T
+        assert torch.allclose(t * up, (t * up)[0].expand_as(t), rtol=1e-5)
+    elif method == "wina":  # one T on |x_j|·‖W[:, j]‖: thresholds inversely proportional to the column norms
+        norms = torch.linalg.vector_norm(W, dim=0)
+        assert torch.allclose(t * norms, (t * norms)[0].expand_as(t), rtol=1e-5) and t[0] < t[1:].min()
     hook = Sparsifier(t)
     (x_sparse,) = hook(None, (X,))
-    assert hook.sparsity == pytest.approx(0.4, abs=0.003)
+    if method != "chess-gated":  # gated thresholds apply to the gate activations (Sparsifier's up), not to X
+        assert hook.sparsity == pytest.approx(0.4, abs=0.003)
     assert float((x_sparse == 0).float().mean()) == pytest.approx(hook.sparsity)
     assert torch.equal(x_sparse[x_sparse != 0], X[x_sparse != 0])  # what survives is untouched
     if method == "wina":  # one threshold on |x_j|·‖W[:, j]‖
         score = X.abs() * torch.linalg.vector_norm(W, dim=0)
         assert float(score[x_sparse == 0].max()) <= float(score[x_sparse != 0].min()) * (1 + 1e-5)
-    if method != "wina":  # without an up projection CHESS, like TEAL, has one threshold on |x|
+    if method in ("teal", "chess"):  # without an up projection CHESS, like TEAL, has one threshold on |x|
         assert float(X.abs()[x_sparse == 0].max()) <= float(X.abs()[x_sparse != 0].min())
+    if method == "chess-gated":  # applied by hand here: what goes is what scores lowest on |x_j|·E|up_j|
+        kept = X.abs() >= t
+        score = X.abs() * up
+        assert float(score[~kept].max()) <= float(score[kept].min()) * (1 + 1e-5)
+        assert float((~kept).float().mean()) == pytest.approx(0.4, abs=0.003)
 
 
 def _tokens(n=8, length=32, seed=0):
@@ -203,10 +218,10 @@ def test_position_bands_hold_the_target_at_every_position_and_past_the_calibrati
     for hist, band in zip(hists, band_slices(edges, calib.shape[1])):
         hist.update(calib[:, band])
     W = torch.randn(8, calib.shape[-1])
-    banded = Sparsifier(torch.stack([thresholds(h, "teal", 0.5, W, False) for h in hists]), edges)
+    banded = Sparsifier(torch.stack([thresholds(h, "teal", 0.5, W) for h in hists]), edges)
     single = AbsHistogram(calib.shape[-1])
     single.update(calib)
-    static = Sparsifier(thresholds(single, "teal", 0.5, W, False))
+    static = Sparsifier(thresholds(single, "teal", 0.5, W))
     (sparse,) = banded(None, (longer,))
     (sparse_static,) = static(None, (longer,))
     zeroed = (sparse == 0).float().mean((0, 2))  # per position
@@ -297,7 +312,7 @@ def test_token_scaled_thresholds_hold_the_target_where_the_input_scale_drifts(me
     W = torch.randn(16, calib.shape[1])
     hist = AbsHistogram(calib.shape[1])
     hist.update(calib / token_rms(calib))
-    hook = Sparsifier(thresholds(hist, method, 0.4, W, False), token_scale=True)
+    hook = Sparsifier(thresholds(hist, method, 0.4, W), token_scale=True)
     hook(None, (calib,))
     assert hook.sparsity == pytest.approx(0.4, abs=0.003)  # exactly the calibrated sparsity on its own inputs
     (sparse,) = Sparsifier(hook.t[0], token_scale=True)(None, (served,))
@@ -306,7 +321,7 @@ def test_token_scaled_thresholds_hold_the_target_where_the_input_scale_drifts(me
         assert float((sparse[tokens] == 0).float().mean()) == pytest.approx(0.4, abs=0.02)
     absolute = AbsHistogram(calib.shape[1])
     absolute.update(calib)
-    (plain,) = Sparsifier(thresholds(absolute, method, 0.4, W, False))(None, (served,))
+    (plain,) = Sparsifier(thresholds(absolute, method, 0.4, W))(None, (served,))
     # one absolute threshold: far from the target on the louder text, and far more of the quiet tokens than of the loud
     assert float((plain == 0).float().mean()) < 0.3
     assert float((plain[quiet] == 0).float().mean()) > float((plain[loud] == 0).float().mean()) + 0.2

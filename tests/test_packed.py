@@ -90,7 +90,16 @@ def test_bench_measures_a_packed_folder_against_its_dense_twin_and_original(save
     one = data["by_threads"]["1"]
     contenders = {"compressed", "dense export", "dense original"}
     assert set(one["decode_tokens_per_s"]) == contenders | {f"{name} (compiled)" for name in contenders}
-    assert {r["layout"] for r in one["gemv"]} == {"Q4Sparse24"} and all(r["ms"]["ours"] > 0 for r in one["gemv"])
+    packed = json.loads((out / "compression.json").read_text())["packed"]
+    shapes = {tuple(info["shape"]) for info in packed.values()}
+    rows = one["gemv"]  # one row per distinct (layout, shape, group) of the packed linears, each a real one
+    assert {tuple(r["shape"]) for r in rows} == shapes and len(rows) == len(shapes)
+    assert all(r["layer"] in packed and packed[r["layer"]]["layout"] == r["layout"] == "Q4Sparse24" for r in rows)
+    for r in rows:  # the bandwidth is the layer's stored bytes over its measured time
+        assert r["GBps"] == pytest.approx(r["bytes"] / r["ms"]["ours"] / 1e6)
+        n_out, n_in = r["shape"]
+        dense_w4 = n_out * n_in // 2 + n_out * (n_in // r["group_size"]) * 4  # 4-bit codes + fp32 scales
+        assert r["bytes"] < dense_w4  # 2:4 keeps half the codes, 2-bit positions for them
 
 
 @pytest.mark.parametrize("family", ["llama-tied", "llama"])

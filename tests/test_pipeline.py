@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from compress import models
+from compress.blocks import forward_block as _forward
 from compress.calibration.stats import Gram, resolve_precision
 from compress.config import Pattern, PruneConfig, Recipe
-from compress.blocks import forward_block as _forward
 from compress.pipeline import _capture, check, compress_sequential
 from compress.pruning import METHODS, InputStats
 from tests.conftest import FAMILIES, VOCAB, build

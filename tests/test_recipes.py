@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import compress
 from compress import recipes
-from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 from compress.cli import app
+from compress.config import ActConfig, CalibConfig, Pattern, PruneConfig, QuantConfig, Recipe
 
 runner = CliRunner()
 COMMON = ["--nsamples", "4", "--seqlen", "32", "--device", "cpu"]

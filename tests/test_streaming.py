@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from compress import export, models
-from compress.export import compressed_tensors
 from compress.checkpoint import INDEX_FILE, Checkpoint
 from compress.config import Pattern, PruneConfig, QuantConfig, Recipe
+from compress.export import compressed_tensors
 from compress.pipeline import compress_sequential
 from tests.conftest import VOCAB
 

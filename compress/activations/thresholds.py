@@ -54,7 +54,7 @@ def gate_activation(x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.where(up != 0, x / torch.where(up != 0, up, torch.ones_like(up)), torch.zeros_like(x))
 
 
-def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor, attention: bool,
+def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor,
                up_mean_abs: torch.Tensor | None = None) -> torch.Tensor:
     """Per-channel thresholds ``(in,)`` fp32 for one linear.
 
@@ -63,7 +63,6 @@ def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor
             of the gate activations ``act(gate)`` instead).
         method: ``teal``, ``chess`` or ``wina``.
         W: ``(out, in)`` the linear's weights as it computes with them (after any pruning/quantization).
-        attention: whether the linear belongs to attention (kept for methods that treat it apart).
         up_mean_abs: CHESS on a gated MLP's down projection: ``E|up_j|`` per channel. The importance of gate
             activation ``j`` is ``|act(gate)_j| · E|up_j|`` against one threshold ``T``, i.e. channel-wise
             thresholds ``T / E|up_j|`` on ``|act(gate)_j|`` (He et al. 2024, section 3). Every other input

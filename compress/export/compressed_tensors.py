@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _weight_args(quant) -> dict:
     """compressed-tensors' QuantizationArgs of a ``config.QuantConfig``."""
     return {"num_bits": quant.bits, "type": "int", "symmetric": quant.symmetric,

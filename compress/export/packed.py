@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _packed_state(name: str, packed) -> dict[str, torch.Tensor]:
     """A ``kernels.formats`` layout's tensors as stored for linear ``name``: ``name.packed_<part>``."""
     from compress.kernels.formats import PARTS

@@ -94,7 +94,3 @@ class QuantGrid:
         s = self.scale[:, g]
         z = self.zero[:, g] if self.zero is not None else 0.0
         return (torch.round(w / s) + z).clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
-
-    def bits_per_weight(self, scale_bits: int = 16) -> float:
-        """Storage cost per weight, counting one scale (and zero point) per group."""
-        return self.bits + (scale_bits + (self.bits if self.zero is not None else 0)) / self.group_size
