@@ -3,6 +3,14 @@
 __version__ = "0.1.0"
 
 
+def cache_dir():
+    """Where compress keeps what it downloads or builds: ``$COMPRESS_CACHE``, else ``~/.cache/compress``."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
 def prune(model: str, recipe, out, **options):
     """Compress ``model`` with ``recipe`` (a ``config.Recipe``) and write it to ``out``: what ``compress prune``
     does, with its run options as keywords (``fmt``, ``device``, ``overwrite``, ``resume``, ...; see

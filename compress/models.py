@@ -25,6 +25,12 @@ class ModelError(ValueError):
     """The model cannot be used: the message names it and what to do."""
 
 
+def check_dtype(dtype: str) -> None:
+    """Raises ModelError for a ``--dtype`` that is neither ``auto`` nor one of ``DTYPES``."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU. Raises ModelError for an unavailable device."""
     if device == "auto":
@@ -52,8 +58,7 @@ def load(spec: str, dtype: str = "auto"):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    check_dtype(dtype)
     path = Path(spec)
     is_gguf = spec.endswith(".gguf")
     check_local(spec)
@@ -157,8 +162,7 @@ def open_streamed(spec: str, dtype: str = "auto"):
     if spec.endswith(".gguf") or not path.is_dir() or not any(path.glob("*.safetensors")):
         return None
     check_local(spec)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ModelError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    check_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "quantization_config", None):
@@ -264,17 +268,6 @@ def is_linear(module: nn.Module) -> bool:
 def linears(block: nn.Module) -> dict[str, nn.Module]:
     """The block's prunable linear layers by name relative to the block, in definition order."""
     return {name: m for name, m in block.named_modules() if name and is_linear(m)}
-
-
-def is_attention(block: nn.Module, name: str) -> bool:
-    """Whether linear ``name`` of ``block`` sits inside an attention module (any ancestor's class is named
-    like ``*Attention*``: LlamaAttention, OPTAttention, GPT2Attention, ...)."""
-    module = block
-    for part in name.split(".")[:-1]:
-        module = getattr(module, part)
-        if "attention" in type(module).__name__.lower():
-            return True
-    return False
 
 
 def gated_up_projection(block: nn.Module, name: str) -> str | None:

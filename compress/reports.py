@@ -62,8 +62,7 @@ class Report:
     @property
     def sparsity(self) -> float:
         """Fraction of zeros over all compressed linears' weights."""
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
+        return weighted_sparsity(self.layers)
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe, "seconds": self.seconds, "sparsity": self.sparsity,
@@ -101,3 +100,9 @@ class BlockState:
                   for b in meta["blocks"]]
         return cls(meta["next_block"], [tensors[f"hidden.{c}"] for c in range(meta["chunks"])], blocks,
                    {n[len("act."):]: t for n, t in tensors.items() if n.startswith("act.")}, meta["gate_space"])
+
+
+def weighted_sparsity(layers: list[LayerReport]) -> float:
+    """Fraction of zeros over the weights of ``layers`` (each counted by its size)."""
+    total = sum(r.shape[0] * r.shape[1] for r in layers)
+    return sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / max(total, 1)

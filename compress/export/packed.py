@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from compress.pruning.masks import satisfies_nm
+
 
 def _packed_state(name: str, packed) -> dict[str, torch.Tensor]:
     """A ``kernels.formats`` layout's tensors as stored for linear ``name``: ``name.packed_<part>``."""
@@ -25,7 +27,7 @@ def pack_state(state: dict[str, torch.Tensor], quantized: dict,
     for name, q in quantized.items():
         grid = q.grid
         nonzero = grid.decode(q.codes) != 0
-        is_24 = nonzero.shape[1] % 8 == 0 and int(nonzero.reshape(nonzero.shape[0], -1, 4).sum(-1).max()) <= 2
+        is_24 = nonzero.shape[1] % 8 == 0 and satisfies_nm(nonzero, 2, 4)  # the kernel reads 8 inputs at a time
         layout = Q4InputMajor if name in input_major else Q4Sparse24 if is_24 else Q4Dense
         packed = layout.pack(q.codes, grid.scale, grid.zero, grid.group_size)
         del state[f"{name}.weight"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from compress.outputs import METADATA, OutputError
+from compress.pruning.masks import satisfies_nm
 
 
 def read_metadata(folder: Path) -> dict | None:
@@ -115,13 +116,8 @@ def layer_table(folder: Path) -> list[dict]:
         rows.append({"name": name, "shape": list(nonzero.shape), "sparsity": 1 - float(nonzero.float().mean()),
                      "in_block": any(part.isdigit() for part in name.split(".")), "bits": bits, "group_size": group,
                      "bytes": nbytes,
-                     "nm": next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if _satisfies_nm(nonzero, n, m)), "")})
+                     "nm": next((f"{n}:{m}" for n, m in ((2, 4), (4, 8)) if satisfies_nm(nonzero, n, m)), "")})
     return rows
-
-
-def _satisfies_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:
-    rows, cols = nonzero.shape
-    return cols % m == 0 and bool((nonzero.reshape(rows, cols // m, m).sum(-1) <= n).all())
 
 
 def info(folder: Path) -> dict:

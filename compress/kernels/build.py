@@ -27,7 +27,9 @@ CFLAGS = ["-O3", "-fopenmp"]
 
 def cache_dir() -> Path:
     """``$COMPRESS_CACHE`` or ``~/.cache/compress``, then ``kernels/<torch version>-<source hash>``."""
-    root = Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+    import compress
+
+    root = compress.cache_dir()
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return root / "kernels" / f"torch-{torch.__version__}-{digest}"
 

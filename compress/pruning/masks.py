@@ -74,3 +74,9 @@ def select(score: torch.Tensor, pattern: Pattern, scope: str = "row") -> torch.T
         flat = score.reshape(1, -1)
         return prune_lowest(flat, n_pruned(flat.shape[1], pattern.sparsity)).reshape(score.shape)
     raise ValueError(f"scope {scope!r} is not row or matrix")
+
+
+def satisfies_nm(nonzero: torch.Tensor, n: int, m: int) -> bool:
+    """Whether ``nonzero`` ``(out, in)`` has at most ``n`` True in every ``m`` consecutive inputs of each row."""
+    rows, cols = nonzero.shape
+    return cols % m == 0 and bool((nonzero.reshape(rows, cols // m, m).sum(-1) <= n).all())
