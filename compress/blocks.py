@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compress import models
+from compress.activations import methods as act_methods
 from compress.activations.histogram import AbsHistogram
 from compress.activations.positions import band_slices
 from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds, token_rms
@@ -63,7 +64,7 @@ class BlockCompressor:
         self.act_thresholds: dict[str, torch.Tensor] = {}
         self.gate_space: dict[str, str] = {}
         self.up_outputs: dict[str, tuple[str, UpOutput]] = {}  # CHESS: gated down projection -> (up name, hook)
-        if recipe.act is not None and recipe.act.method == "chess":
+        if recipe.act is not None and act_methods.get(recipe.act.method).gated:
             for name, target in self.act_targets.items():
                 up = models.gated_up_projection(block, name) if target else None
                 if up is not None:

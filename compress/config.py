@@ -172,7 +172,6 @@ class PruneConfig:
         return replace(self, pattern=pattern, allocation="uniform", block_sparsity=())
 
 
-QUANT_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -213,8 +212,9 @@ class QuantConfig:
             raise ValueError(f"--quant w{self.bits}: bits must be in 2..8, e.g. w4g64")
         if self.group_size < 0 or self.group_size == 1:
             raise ValueError(f"--quant group size {self.group_size} must be at least 2 (or omitted for per-channel)")
-        if self.method not in QUANT_METHODS:
-            raise ValueError(f"--quant-method {self.method!r} is not one of {', '.join(QUANT_METHODS)}")
+        from compress import quant  # the registry (imported here: it imports this module)
+
+        quant.get(self.method)
         if not 0 <= self.dampening < 1:
             raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
 
@@ -223,7 +223,6 @@ class QuantConfig:
         return f"{self.method} w{self.bits}{group} {'sym' if self.symmetric else 'asym'}"
 
 
-ACT_METHODS = ("teal", "chess", "wina")
 ACT_SCALES = ("token", "none")
 
 
@@ -260,8 +259,9 @@ class ActConfig:
         for name, s in [("--act-sparsity", self.sparsity), *self.per_layer.items()]:
             if not 0 < s < 1:
                 raise ValueError(f"activation sparsity {s} for {name} is outside (0, 1): e.g. 0.5")
-        if self.method not in ACT_METHODS:
-            raise ValueError(f"--act-method {self.method!r} is not one of {', '.join(ACT_METHODS)}")
+        from compress.activations import methods  # the registry
+
+        methods.get(self.method)
         if self.prefill not in ("sparse", "dense"):
             raise ValueError(f"--act-prefill {self.prefill!r} is not sparse or dense")
         if self.scale not in ACT_SCALES:
@@ -327,8 +327,8 @@ class Recipe:
             raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
         if self.quant_lm_head and self.quant is None:
             raise ValueError("--quant-lm-head quantizes lm_head on --quant's grid: add --quant (e.g. w4g64)")
-        if (self.prune is not None and self.prune.refine and self.prune.method == "sparsegpt" and self.quant is not None
-                and self.quant.method == "gptq"):
+        if (self.prune is not None and self.prune.refine and self.quant is not None
+                and self.prune.method == _quant_method(self.quant).joint_with):
             raise ValueError(f"--refine {self.prune.refine} refines a mask before quantization, but SparseGPT with GPTQ "
                              f"prunes and quantizes in one pass: use --quant-method rtn, or drop --refine")
         for expr in self.ignore:
@@ -382,6 +382,12 @@ class Recipe:
                    quant_lm_head=bool(data.get("quant_lm_head", False)),
                    # what recipes did before the choices existed
                    gram_precision=data.get("gram_precision", "fp32"), forward_precision=data.get("forward_precision", "fp32"))
+
+
+def _quant_method(cfg: QuantConfig):
+    from compress import quant
+
+    return quant.get(cfg.method)
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

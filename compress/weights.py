@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compress import quant as quant_methods
 from compress.config import Recipe
 from compress.pruning import InputStats, dsnot, get, swap
 from compress.quant import gptq
@@ -34,7 +35,7 @@ class Compressed:
 def needs_hessian(recipe: Recipe) -> bool:
     """Whether the recipe's methods need the full Gram matrix (not a token subsample of it)."""
     return bool((recipe.prune and (get(recipe.prune.method).needs_hessian or recipe.prune.refine))
-                or (recipe.quant and recipe.quant.method == "gptq"))
+                or (recipe.quant and quant_methods.get(recipe.quant.method).needs_hessian))
 
 
 def needs_norms(recipe: Recipe) -> bool:
@@ -63,7 +64,8 @@ def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dt
         return Compressed(W)
     if quant is None:
         return Compressed(_prune(W, stats, recipe))
-    if quant.method == "gptq" and prune is not None and prune.method == "sparsegpt":
+    method = quant_methods.get(quant.method)
+    if prune is not None and prune.method == method.joint_with:  # one OBS pass prunes and quantizes
         result, grid = gptq.quantize(W, stats, quant, pattern=prune.pattern, blocksize=prune.blocksize,
                                      dampening=prune.dampening, scale_dtype=scale_dtype)
         return Compressed(result.W, grid, grid.encode(result.W))
@@ -71,9 +73,5 @@ def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dt
     if prune is not None:
         W = _prune(W, stats, recipe)
         keep = W != 0
-    if quant.method == "rtn":
-        grid = QuantGrid.fit(W, quant, scale_dtype)
-        codes = grid.encode(W)
-        return Compressed(grid.decode(codes), grid, codes)
-    result, grid = gptq.quantize(W, stats, quant, keep=keep, scale_dtype=scale_dtype)
-    return Compressed(result.W, grid, grid.encode(result.W))
+    W_hat, grid = method.quantize(W, stats, quant, keep=keep, scale_dtype=scale_dtype)
+    return Compressed(W_hat, grid, grid.encode(W_hat))

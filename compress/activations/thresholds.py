@@ -56,26 +56,17 @@ def gate_activation(x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def thresholds(hist: AbsHistogram, method: str, sparsity: float, W: torch.Tensor,
                up_mean_abs: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-channel thresholds ``(in,)`` fp32 for one linear.
+    """Per-channel thresholds ``(in,)`` fp32 for one linear by ``method`` (``activations.methods``).
 
     Args:
         hist: |x| histograms of the linear's calibration inputs (for CHESS on a gated MLP's down projection,
             of the gate activations ``act(gate)`` instead).
-        method: ``teal``, ``chess`` or ``wina``.
         W: ``(out, in)`` the linear's weights as it computes with them (after any pruning/quantization).
-        up_mean_abs: CHESS on a gated MLP's down projection: ``E|up_j|`` per channel. The importance of gate
-            activation ``j`` is ``|act(gate)_j| · E|up_j|`` against one threshold ``T``, i.e. channel-wise
-            thresholds ``T / E|up_j|`` on ``|act(gate)_j|`` (He et al. 2024, section 3). Every other input
-            CHESS sparsifies with one threshold, as TEAL (its "selective" attention sparsification).
+        up_mean_abs: a gated MLP's down projection: ``E|up_j|`` per channel (CHESS's channel-wise thresholds).
     """
-    if method == "chess" and up_mean_abs is not None:
-        T = hist.threshold(sparsity, up_mean_abs)
-        return torch.where(up_mean_abs > 0, T / up_mean_abs.clamp_min(1e-30), torch.full_like(up_mean_abs, torch.inf)).float()
-    if method == "wina":
-        norms = torch.linalg.vector_norm(W.float(), dim=0).cpu()  # (in,) column norms
-        T = hist.threshold(sparsity, norms)
-        return torch.where(norms > 0, T / norms.clamp_min(1e-30), torch.full_like(norms, torch.inf))
-    return torch.full((hist.channels,), hist.threshold(sparsity), dtype=torch.float32)
+    from compress.activations import methods
+
+    return methods.get(method).thresholds(hist, sparsity, W, up_mean_abs)
 
 
 class Sparsifier:
