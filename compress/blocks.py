@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from compress import models
-from compress.activations import methods as act_methods
+from compress.activations.calibrate import ActivationCalibration
 from compress.activations.histogram import AbsHistogram
-from compress.activations.positions import band_slices
-from compress.activations.thresholds import Sparsifier, UpOutput, gate_activation, thresholds, token_rms
 from compress.calibration.capture import BlockInputs
 from compress.calibration.stats import Gram, SquaredNorms, reconstruction_error
 from compress.config import Recipe
@@ -52,23 +50,11 @@ class BlockCompressor:
         self.block_name = block_name
         self.gram_stride = 1 if needs_hessian(recipe) else gram_stride
         self.with_mean = bool(recipe.prune and recipe.prune.refine == "dsnot")  # DSnoT's expected error
-        self.hist_stride = hist_stride
-        self.act_edges = act_edges  # position bands of the activation thresholds
         self.stats: dict[int, tuple] = {}  # group -> _new_stats(group)
         self.compressed: set[int] = set()
         self.reports: list[LayerReport] = []
         self.quantized: dict[str, QuantizedWeight] = {}
-        self.block = block
-        self.act_targets = {name: recipe.act.target_for(f"{block_name}.{name}") for name in self.group_of} if recipe.act else {}
-        self.sparsifiers: dict[str, Sparsifier] = {}
-        self.act_thresholds: dict[str, torch.Tensor] = {}
-        self.gate_space: dict[str, str] = {}
-        self.up_outputs: dict[str, tuple[str, UpOutput]] = {}  # CHESS: gated down projection -> (up name, hook)
-        if recipe.act is not None and act_methods.get(recipe.act.method).gated:
-            for name, target in self.act_targets.items():
-                up = models.gated_up_projection(block, name) if target else None
-                if up is not None:
-                    self.up_outputs[name] = (up, UpOutput(collecting=True))
+        self.acts = ActivationCalibration(block, block_name, self.group_of, recipe.act, hist_stride, act_edges)
         self._local = threading.local()
         self._stop_at: int | None = None  # bounded mode: the group the current pass stops at
 
@@ -85,29 +71,15 @@ class BlockCompressor:
             if norms is not None:
                 norms.update(x)
             if hists is not None:
-                self._feed_histograms(name, x, hists)
+                self.acts.feed(name, x, hists)
             if self._stop_at is None:
                 self._park(g)
             elif g == self._stop_at:
                 raise _Stop  # bounded: this pass only had to reach the group
             else:
                 raise RuntimeError(f"{self.block_name}: group {self.groups[g]} ran before {self.groups[self._stop_at]}")
-        sparsifier = self.sparsifiers.get(name)
+        sparsifier = self.acts.sparsifiers.get(name)
         return sparsifier(module, args) if sparsifier else None
-
-    def _feed_histograms(self, name: str, x: torch.Tensor, hists: list[AbsHistogram]) -> None:
-        """|x| histograms per position band (of the gate activations for CHESS's gated MLPs), over every
-        ``hist_stride``-th token, relative to each token's RMS with ``--act-scale token``. Only the sampled
-        tokens are transformed, and nothing outlives the call: the worker parks right after it, and a copy of
-        its chunk kept alive there is a copy per parked chunk."""
-        up = self.up_outputs[name][1].value if name in self.up_outputs else None
-        for hist, band in zip(hists, band_slices(self.act_edges, x.shape[-2])):
-            a = x[..., band, :].reshape(-1, x.shape[-1])[:: self.hist_stride]
-            if up is not None:
-                a = gate_activation(a, up[..., band, :].reshape(-1, up.shape[-1])[:: self.hist_stride])
-            if self.recipe.act.scale == "token":
-                a = a / token_rms(a)
-            hist.update(a)
 
     def _new_stats(self, g: int, in_features: int) -> tuple[Gram, SquaredNorms | None, list[AbsHistogram] | None]:
         """Accumulators for group ``g``'s input. Mean squares only for methods that read them, and not when
@@ -115,10 +87,9 @@ class BlockCompressor:
         ~5% of a SparseGPT run."""
         exact_diagonal = self.gram_stride == 1 and self.recipe.gram_precision == "fp32"
         separate_norms = self.with_mean or (needs_norms(self.recipe) and not exact_diagonal)
-        targeted = any(self.act_targets.get(n) for n in self.groups[g])
         return (Gram(in_features, stride=self.gram_stride, products=self.recipe.gram_precision),
                 SquaredNorms(in_features, self.with_mean) if separate_norms else None,
-                [AbsHistogram(in_features) for _ in range(len(self.act_edges) + 1)] if targeted else None)
+                self.acts.histograms(self.groups[g], in_features))
 
     def _park(self, g: int) -> None:
         """In worker ``c``: note that it waits at group ``g``, hand the baton back to the main thread, and
@@ -191,13 +162,12 @@ class BlockCompressor:
 
     def _install_hooks(self, block: nn.Module) -> list:
         handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
-        return handles + [block.get_submodule(up).register_forward_hook(hook) for up, hook in self.up_outputs.values()]
+        return handles + self.acts.hooks(block)
 
     def _note_act_sparsity(self) -> None:
         """Each report's achieved activation sparsity on the calibration inputs, from its sparsifier's counts."""
         for report in self.reports:
-            sparsifier = self.sparsifiers.get(report.name.removeprefix(f"{self.block_name}."))
-            report.act_sparsity = sparsifier.sparsity if sparsifier else None
+            report.act_sparsity = self.acts.achieved(report.name.removeprefix(f"{self.block_name}."))
 
     def run_bounded(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
         """``run``'s result with one chunk's activations alive at a time (module docstring): per group, a pass
@@ -247,19 +217,9 @@ class BlockCompressor:
                 seconds=time.perf_counter() - start,
                 bits=grid.bits if grid else None,
                 group_size=grid.group_size if grid else None,
-                act_target=self.act_targets.get(name),
+                act_target=self.acts.targets.get(name),
             ))
-            if self.act_targets.get(name):
-                up_name, up = self.up_outputs.get(name, (None, None))
-                t = torch.stack([thresholds(hist, self.recipe.act.method, self.act_targets[name], W_hat,
-                                            up.mean_abs if up else None)
-                                 for hist in hists])
-                t = t[0] if len(t) == 1 else t
-                self.sparsifiers[name] = Sparsifier(t, self.act_edges, up=up, token_scale=self.recipe.act.scale == "token")
-                self.act_thresholds[full] = t
-                if up is not None:
-                    up.collecting = False
-                    self.gate_space[full] = f"{self.block_name}.{up_name}"
+            self.acts.set_thresholds(name, hists, W_hat)
         self.compressed.add(g)
         allocator.trim()
 

@@ -237,8 +237,8 @@ def compress_sequential(
         block.to("cpu")
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)
         report.blocks.append(block_report)
-        report.act_thresholds.update(compressor.act_thresholds)
-        report.gate_space.update(compressor.gate_space)
+        report.act_thresholds.update(compressor.acts.thresholds)
+        report.gate_space.update(compressor.acts.gate_space)
         if io is not None:
             io.done(i, block, compressor.quantized, BlockState(i + 1, outputs, report.blocks, report.act_thresholds,
                                                                report.gate_space))
