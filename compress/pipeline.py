@@ -169,6 +169,7 @@ def compress_sequential(
     on_block: Callable[[BlockReport, int], None] | None = None,
     io: BlockIO | None = None,
     bounded: bool = False,
+    checked: bool = False,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.
 
@@ -189,11 +190,13 @@ def compress_sequential(
             report); without it the model is compressed in memory.
         bounded: run each block bounded (module docstring; ``plan_memory`` decides): the same result with
             one chunk's activations alive at a time.
+        checked: the caller ran ``check(model, recipe)`` already (``compress.prune`` does, before any work).
 
     Returns:
         Report with one LayerReport per compressed linear, and the integer form of quantized ones.
     """
-    check(model, recipe)
+    if not checked:
+        check(model, recipe)
     device = torch.device(device)
     recipe = replace(recipe, gram_precision=resolve_precision(recipe.gram_precision, device),
                      forward_precision=resolve_precision(recipe.forward_precision, device, "--forward-precision"),

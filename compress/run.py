@@ -71,8 +71,8 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
         pipeline.check(lm, recipe)
         coverage = models.coverage(lm, recipe.ignore)
         coverage.check(allow_partial)
+        export.check_layers(fmt, recipe, lm)
         if fmt == "compressed-tensors":
-            export.check_format(fmt, recipe, lm)
             prefix = models.decoder_blocks(lm)[0]
             first = (lambda block: load_module(checkpoint, block, f"{prefix}.0")) if checkpoint else None
             if split := pipeline.split_groups(lm, recipe.ignore, first):
@@ -110,7 +110,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
                 with allocator.reuse_large_blocks(block_cache_bytes(plan) if dev.type == "cpu" else 0):
                     report = pipeline.compress_sequential(lm, tokens, recipe, device=dev,
                                                           chunk_samples=chunk_samples or None, on_block=on_block,
-                                                          io=output, bounded=plan.bounded)
+                                                          io=output, bounded=plan.bounded, checked=True)
             sparse24 = recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)
             metadata = {
                 "source_model": model,

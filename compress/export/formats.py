@@ -13,8 +13,9 @@ CT_GROUP_SIZES = (32, 64, 128)  # what vLLM's compressed-tensors W4A16/W8A16 ker
 CT_BITS = (4, 8)
 
 
-def check_format(fmt: str, recipe, model=None) -> None:
-    """Refuse, before any work, an output format that cannot hold ``recipe`` (a ``config.Recipe``).
+def check_format(fmt: str, recipe) -> None:
+    """Refuse, before any work, an output format that cannot hold ``recipe`` (a ``config.Recipe``); what
+    needs the model is ``check_layers``'.
 
     Raises:
         OutputError: naming the value and the fix.
@@ -31,7 +32,6 @@ def check_format(fmt: str, recipe, model=None) -> None:
         if quant.group_size and quant.group_size % 8:
             raise OutputError(f"--format packed: the kernels take group sizes divisible by 8, not "
                               f"{quant.group_size}: use --quant w4g64 or w4g128")
-        _check_linear_modules(fmt, recipe, model)
         return
     if fmt != "compressed-tensors":
         return
@@ -45,11 +45,17 @@ def check_format(fmt: str, recipe, model=None) -> None:
     if quant.group_size and quant.group_size not in CT_GROUP_SIZES:
         raise OutputError(f"--format compressed-tensors: vLLM takes group sizes {CT_GROUP_SIZES} or per channel, "
                           f"not {quant.group_size}: use --quant w{quant.bits}g64, or --format dense")
-    _check_linear_modules(fmt, recipe, model)
 
 
-def _check_linear_modules(fmt: str, recipe, model) -> None:
-    if model is None:
+def check_layers(fmt: str, recipe, model) -> None:
+    """Refuse (once the model is loaded, before calibration) compressed-tensors for a model with other linears
+    than ``nn.Linear`` (GPT-2's Conv1D) that the recipe compresses: vLLM's loader maps nn.Linear layers.
+    (Packed layouts hold any linear's ``(out, in)`` codes.)
+
+    Raises:
+        OutputError: naming the layer and the fix.
+    """
+    if fmt != "compressed-tensors":
         return
     from compress import models
 
