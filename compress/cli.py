@@ -75,6 +75,9 @@ def prune(
                                               "calibration Hessian; joint with --method sparsegpt).")] = "gptq",
     quant_actorder: Annotated[bool, typer.Option("--quant-actorder/--no-quant-actorder", help="GPTQ: visit columns "
                                                  "by decreasing input energy (scales stay the static groups').")] = True,
+    quant_scale: Annotated[str, typer.Option(help="Group scales: minmax (each group's extremes on the grid's "
+                                             "edges) | search (least rounding error weighted by the inputs' mean "
+                                             "squares, from the full signed range down).")] = "minmax",
     act_sparsity: Annotated[Optional[float], typer.Option(help="Activation sparsity: target fraction of zeroed inputs "
                                                           "per targeted linear (thresholds calibrated, applied by "
                                                           "compress.load and compress eval).")] = None,

@@ -174,6 +174,9 @@ class PruneConfig:
 
 
 
+QUANT_SCALES = ("minmax", "search")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Integer weight quantization with one scale (and zero point) per ``group_size`` input weights of a row.
@@ -186,6 +189,8 @@ class QuantConfig:
         actorder: GPTQ visits columns by decreasing Hessian diagonal; scales stay those of the static
             groups (computed up front), so the stored layout is unchanged.
         dampening, blocksize: GPTQ's, as SparseGPT's.
+        scale: ``minmax`` (each group's extremes on the grid's edges) or ``search`` (the scale of least
+            rounding error weighted by the inputs' mean squares; ``quant.grid``).
     """
 
     bits: int
@@ -195,6 +200,7 @@ class QuantConfig:
     actorder: bool = True
     dampening: float = 0.01
     blocksize: int = 128
+    scale: str = "minmax"
 
     @classmethod
     def parse(cls, spec: str, **options) -> "QuantConfig":
@@ -217,6 +223,8 @@ class QuantConfig:
         quant.get(self.method)
         if not 0 <= self.dampening < 1:
             raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
+        if self.scale not in QUANT_SCALES:
+            raise ValueError(f"--quant-scale {self.scale!r} is not one of {', '.join(QUANT_SCALES)}")
 
     def __str__(self) -> str:
         group = f"g{self.group_size}" if self.group_size else " per-channel"
@@ -327,8 +335,10 @@ class Recipe:
             raise ValueError("nothing to do: give --method with --sparsity/--pattern, --quant, or --act-sparsity")
         if self.quant_lm_head and self.quant is None:
             raise ValueError("--quant-lm-head quantizes lm_head on --quant's grid: add --quant (e.g. w4g64)")
+        from compress import quant  # the registry says which pruning method GPTQ runs one pass with
+
         if (self.prune is not None and self.prune.refine and self.quant is not None
-                and self.prune.method == _quant_method(self.quant).joint_with):
+                and self.prune.method == quant.get(self.quant.method).joint_with):
             raise ValueError(f"--refine {self.prune.refine} refines a mask before quantization, but SparseGPT with GPTQ "
                              f"prunes and quantizes in one pass: use --quant-method rtn, or drop --refine")
         for expr in self.ignore:
@@ -382,12 +392,6 @@ class Recipe:
                    quant_lm_head=bool(data.get("quant_lm_head", False)),
                    # what recipes did before the choices existed
                    gram_precision=data.get("gram_precision", "fp32"), forward_precision=data.get("forward_precision", "fp32"))
-
-
-def _quant_method(cfg: QuantConfig):
-    from compress import quant
-
-    return quant.get(cfg.method)
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

@@ -152,3 +152,32 @@ def test_group_sparsity_prunes_whole_runs(method):
     all_or_nothing = runs.all(-1) | (~runs).all(-1)
     assert all_or_nothing.all()
     assert int((~runs).all(-1).sum()) == runs.shape[0] * runs.shape[1] // 2
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (3, True)])
+def test_searched_scales_never_round_a_group_worse_than_min_max(bits, symmetric):
+    from tests.conftest import outlier_inputs
+
+    X = outlier_inputs(512, 128, seed=3)
+    d = (X ** 2).mean(0)  # (in,) the inputs' mean squares: the Hessian's diagonal
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(4)) * torch.rand(48, 1) + 0.01 * torch.randn(48, 128)
+    W[W.abs() < 0.05] = 0  # pruned weights
+    cfg = dict(bits=bits, group_size=32, symmetric=symmetric)
+    minmax = QuantGrid.fit(W, QuantConfig(**cfg))
+    search = QuantGrid.fit(W, QuantConfig(**cfg, scale="search"), importance=d)
+
+    def group_error(grid):  # (out, groups): sum_j d_j (w_j - round(w_j))^2
+        return (((grid.round(W) - W) ** 2 * d).reshape(48, 4, 32)).sum(-1)
+
+    assert (group_error(search) <= group_error(minmax) * (1 + 1e-6)).all()
+    assert group_error(search).sum() < 0.95 * group_error(minmax).sum()  # and clearly better overall
+    assert (search.round(W)[W == 0] == 0).all()  # zero is on every grid: pruned weights stay pruned
+    codes = search.encode(W)
+    assert codes.min() >= search.qmin and codes.max() <= search.qmax
+
+
+def test_a_searched_symmetric_grid_uses_the_negative_end_of_the_code_range():
+    W = torch.tensor([[-1.0, 0.5, 0.25, -0.125] * 8])  # (1, 32): the extreme is negative
+    search = QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="search"))
+    assert float(search.scale[0, 0]) == pytest.approx(1 / 8)  # -1.0 on code -8: every weight exact
+    assert torch.equal(search.round(W), W) and not torch.equal(QuantGrid.fit(W, QuantConfig(bits=4, group_size=32)).round(W), W)

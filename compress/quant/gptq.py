@@ -56,7 +56,7 @@ def quantize(
     perm = activation_order(stats.G.diagonal(), unit) if cfg.actorder else None
     factor = stats.hessian_inverse_factor(cfg.dampening if dampening is None else dampening, perm)
     W[:, factor.dead_original] = 0
-    grid = QuantGrid.fit(W if keep is None else W * keep, cfg, scale_dtype)
+    grid = QuantGrid.fit(W if keep is None else W * keep, cfg, scale_dtype, importance=stats.G.diagonal())
     if perm is not None:
         W = W[:, perm]
         keep = keep[:, perm] if keep is not None else None
