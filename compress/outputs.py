@@ -143,16 +143,18 @@ def _repair(out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by a run that was killed while writing", tmp)
     state = out / Path(RESUME_STATE).parent
-    if (out / RESUME_STATE).is_file() and written_by_compress(out) and _finished(out / RESUME_STATE):
+    if written_by_compress(out) and (_read_state(out / RESUME_STATE) or {}).get("finished"):
         shutil.rmtree(state)
         log.warning("removed %s: the resume state of a run that was killed just after its output was in place", state)
 
 
-def _finished(state: Path) -> bool:
+def _read_state(path: Path) -> dict | None:
+    """A resume state file's JSON, ``None`` when there is none (or a kill left it unreadable)."""
     try:
-        return bool(json.loads(state.read_text()).get("finished"))
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def check_output(out: Path, overwrite: bool, marker: str = METADATA) -> None:
@@ -202,8 +204,7 @@ def finish_state(folder: Path, fingerprint: dict) -> None:
 
 def read_state(out: Path) -> dict | None:
     """The resume state of ``out``'s unfinished run, if any."""
-    state = partial_folder(out) / RESUME_STATE
-    return json.loads(state.read_text()) if state.is_file() else None
+    return _read_state(partial_folder(out) / RESUME_STATE)
 
 
 def check_unfinished(out: Path, resume: bool) -> bool:

@@ -18,7 +18,6 @@ import torch
 from compress import quant as quant_methods
 from compress.config import Recipe
 from compress.pruning import InputStats, dsnot, get, swap
-from compress.quant import gptq
 from compress.quant.grid import QuantGrid
 
 
@@ -66,9 +65,8 @@ def compress_weight(W: torch.Tensor, stats: InputStats, recipe: Recipe, scale_dt
         return Compressed(_prune(W, stats, recipe))
     method = quant_methods.get(quant.method)
     if prune is not None and prune.method == method.joint_with:  # one OBS pass prunes and quantizes
-        result, grid = gptq.quantize(W, stats, quant, pattern=prune.pattern, blocksize=prune.blocksize,
-                                     dampening=prune.dampening, scale_dtype=scale_dtype)
-        return Compressed(result.W, grid, grid.encode(result.W))
+        W_hat, grid = method.joint(W, stats, quant, prune, scale_dtype=scale_dtype)
+        return Compressed(W_hat, grid, grid.encode(W_hat))
     keep = None
     if prune is not None:
         W = _prune(W, stats, recipe)

@@ -88,8 +88,10 @@ def comparable(runs: list[Run]) -> tuple[list[Run], list[tuple[Run, list[str]]]]
         return list(runs), []
     same, other = [], []
     for r in runs:
-        differs = protocol_differences(r, dense)
-        (other.append((r, differs)) if differs else same.append(r))
+        if differs := protocol_differences(r, dense):
+            other.append((r, differs))
+        else:
+            same.append(r)
     return same, other
 
 

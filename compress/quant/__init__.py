@@ -19,13 +19,15 @@ from compress.quant.grid import QuantGrid
 @dataclass(frozen=True)
 class QuantMethod:
     """A quantization method: ``needs_hessian``: it reads the full input Gram matrix; ``joint_with``: the
-    pruning method it runs one pass with (its OBS loop prunes and quantizes each column as it is frozen)."""
+    pruning method it runs one pass with (its OBS loop prunes and quantizes each column as it is frozen), by
+    ``joint(W, stats, cfg, prune_cfg, scale_dtype=) -> (W_hat, grid)``."""
 
     name: str
     quantize: Callable
     needs_hessian: bool
     summary: str
     joint_with: str | None = None
+    joint: Callable | None = None
 
 
 def _gptq(W, stats, cfg, *, keep=None, scale_dtype=None):
@@ -33,9 +35,16 @@ def _gptq(W, stats, cfg, *, keep=None, scale_dtype=None):
     return result.W, grid
 
 
+def _gptq_joint(W, stats, cfg, prune, *, scale_dtype=None):
+    result, grid = gptq.quantize(W, stats, cfg, pattern=prune.pattern, blocksize=prune.blocksize,
+                                 dampening=prune.dampening, scale_dtype=scale_dtype)
+    return result.W, grid
+
+
 METHODS: dict[str, QuantMethod] = {
     "rtn": QuantMethod("rtn", rtn.quantize, False, "round to nearest"),
-    "gptq": QuantMethod("gptq", _gptq, True, "error-compensating, on the calibration Hessian", joint_with="sparsegpt"),
+    "gptq": QuantMethod("gptq", _gptq, True, "error-compensating, on the calibration Hessian", joint_with="sparsegpt",
+                        joint=_gptq_joint),
 }
 
 
