@@ -77,7 +77,7 @@ def prune(
                                                  "by decreasing input energy (scales stay the static groups').")] = True,
     quant_scale: Annotated[str, typer.Option(help="Group scales: minmax (each group's extremes on the grid's "
                                              "edges) | search (least rounding error weighted by the inputs' mean "
-                                             "squares, from the full signed range down).")] = "minmax",
+                                             "squares, from the full signed range down; the default).")] = "search",
     act_sparsity: Annotated[Optional[float], typer.Option(help="Activation sparsity: target fraction of zeroed inputs "
                                                           "per targeted linear (thresholds calibrated, applied by "
                                                           "compress.load and compress eval).")] = None,

@@ -200,7 +200,7 @@ class QuantConfig:
     actorder: bool = True
     dampening: float = 0.01
     blocksize: int = 128
-    scale: str = "minmax"
+    scale: str = "search"
 
     @classmethod
     def parse(cls, spec: str, **options) -> "QuantConfig":
@@ -382,7 +382,7 @@ class Recipe:
         quant = data.get("quant")
         if quant is not None:
             _check_keys(QuantConfig, quant, "recipe.quant")
-            quant = QuantConfig(**quant)
+            quant = QuantConfig(**{"scale": "minmax", **quant})  # recipes from before the scale search
         act = data.get("act")
         if act is not None:
             _check_keys(ActConfig, act, "recipe.act")

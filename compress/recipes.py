@@ -19,7 +19,7 @@ DEFAULTS = {  # what compress prune takes when neither a flag nor a recipe file 
     "method": None, "sparsity": None, "pattern": None, "scope": None, "blocksize": 128, "dampening": 0.01,
     "allocation": "uniform", "block_sparsity": (), "owl_m": 5.0, "owl_lambda": 0.08, "refine": None,
     "refine_cycles": 50, "refine_var_power": 1.0,
-    "quant": None, "quant_sym": True, "quant_method": "gptq", "quant_actorder": True, "quant_scale": "minmax",
+    "quant": None, "quant_sym": True, "quant_method": "gptq", "quant_actorder": True, "quant_scale": "search",
     "quant_lm_head": False,
     "act_sparsity": None, "act_method": "teal", "act_targets": (), "act_sparsity_file": None, "act_per_layer": {},
     "act_prefill": "sparse", "act_positions": "auto", "act_scale": "token",

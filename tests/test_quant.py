@@ -60,7 +60,7 @@ def test_round_to_nearest_is_within_half_a_step_and_keeps_zeros(bits, symmetric,
     W = torch.randn(8, 64) * torch.linspace(0.1, 3, 64)
     W[:, ::5] = 0  # pruned weights
     W[3, :16] = 0  # a whole zero group
-    grid = QuantGrid.fit(W, QuantConfig(bits, group, symmetric))
+    grid = QuantGrid.fit(W, QuantConfig(bits, group, symmetric, scale="minmax"))
     codes = grid.encode(W)
     assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
     W_hat = grid.decode(codes)
@@ -163,7 +163,7 @@ def test_searched_scales_never_round_a_group_worse_than_min_max(bits, symmetric)
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(4)) * torch.rand(48, 1) + 0.01 * torch.randn(48, 128)
     W[W.abs() < 0.05] = 0  # pruned weights
     cfg = dict(bits=bits, group_size=32, symmetric=symmetric)
-    minmax = QuantGrid.fit(W, QuantConfig(**cfg))
+    minmax = QuantGrid.fit(W, QuantConfig(**cfg, scale="minmax"))
     search = QuantGrid.fit(W, QuantConfig(**cfg, scale="search"), importance=d)
 
     def group_error(grid):  # (out, groups): sum_j d_j (w_j - round(w_j))^2
@@ -180,4 +180,4 @@ def test_a_searched_symmetric_grid_uses_the_negative_end_of_the_code_range():
     W = torch.tensor([[-1.0, 0.5, 0.25, -0.125] * 8])  # (1, 32): the extreme is negative
     search = QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="search"))
     assert float(search.scale[0, 0]) == pytest.approx(1 / 8)  # -1.0 on code -8: every weight exact
-    assert torch.equal(search.round(W), W) and not torch.equal(QuantGrid.fit(W, QuantConfig(bits=4, group_size=32)).round(W), W)
+    assert torch.equal(search.round(W), W) and not torch.equal(QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="minmax")).round(W), W)
