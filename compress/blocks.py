@@ -42,8 +42,9 @@ class BlockCompressor:
     """Compresses one block's linear groups in execution order during one chunked forward (module docstring)."""
 
     def __init__(self, block: nn.Module, groups: list[list[str]], recipe: Recipe, block_name: str, gram_stride: int,
-                 hist_stride: int = 1, act_edges: tuple[int, ...] = ()):
+                 hist_stride: int = 1, act_edges: tuple[int, ...] = (), scale_dtype: torch.dtype | None = None):
         self.modules = models.linears(block)
+        self.scale_dtype = scale_dtype  # None: the model's
         self.groups = groups
         self.group_of = {name: g for g, names in enumerate(groups) for name in names}
         self.recipe = recipe
@@ -200,7 +201,7 @@ class BlockCompressor:
             start = time.perf_counter()
             W = models.weight_view(self.modules[name])  # (out, in), a view of the module's weight
             W32 = W.to(torch.float32, copy=True)  # the original, kept for the error
-            result = compress_weight(W32, stats, self.recipe, scale_dtype=W.dtype)
+            result = compress_weight(W32, stats, self.recipe, scale_dtype=self.scale_dtype or W.dtype)
             W.copy_(result.W.to(W.dtype))
             W_hat = W.float()
             full = f"{self.block_name}.{name}"

@@ -96,7 +96,10 @@ def prune(
                                            "whose scale drifts with position or context keep the target) | none "
                                            "(absolute thresholds, as the papers).")] = "token",
     fmt: Annotated[str, typer.Option("--format", help="Output: dense (plain transformers safetensors) | "
-                                     "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed.")] = "dense",
+                                     "compressed-tensors (pack-quantized, loads in vLLM; needs --quant w4/w8) | packed "
+                                     "| gguf (one file for llama.cpp, --out NAME.gguf; w4 -> Q4_0/Q4_1, w8 -> Q8_0).")] = "dense",
+    gguf_dtype: Annotated[str, typer.Option(help="--format gguf: type of the 2-D tensors the recipe does not quantize "
+                                            "(embeddings, output head, ignored linears): f16 | bf16 | f32 | q8_0.")] = "f16",
     calib: Annotated[str, typer.Option(help="Calibration text: wikitext2 (hub, needs network), a .txt / .jsonl path, "
                                        "or self (sampled from the model itself, from its BOS token).")] = "wikitext2",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
@@ -170,7 +173,7 @@ def prune(
             given = {k: v for k, v in flags.items() if _on_command_line(ctx, k)}
             flags = recipes.merge(recipes.to_flags(base), given)
             fmt = file_fmt if file_fmt and not _on_command_line(ctx, "fmt") else fmt
-        report = run.prune(model, recipes.from_flags(flags), out, fmt=fmt, device=device, dtype=dtype,
+        report = run.prune(model, recipes.from_flags(flags), out, fmt=fmt, gguf_dtype=gguf_dtype, device=device, dtype=dtype,
                            chunk_samples=chunk_samples, max_memory=max_memory, overwrite=overwrite, resume=resume,
                            save_every=save_every, allow_partial=allow_partial)
     except CheckpointError as err:  # an input file damaged, before or during the run: nothing was written

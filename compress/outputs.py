@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 
 METADATA = "compression.json"  # what compress prune writes last into a model folder; marks it as compress's
 RESUME_STATE = "resume/state.json"
+GGUF_FILE = "model.gguf"  # a single-file output (``--out X.gguf``) is written here in its folder, then moved
+GGUF_METADATA_KEY = "compress.compression_json"  # compression.json's content inside a GGUF compress wrote
+
+
+def is_file_output(out: Path) -> bool:
+    """Whether ``out`` names a single file (a ``.gguf``) rather than a model folder."""
+    return Path(out).suffix == ".gguf"
 
 
 class OutputError(ValueError):
@@ -76,10 +83,17 @@ def versions() -> dict:
 
 
 def written_by_compress(folder: Path, marker: str = METADATA) -> bool:
-    """Whether ``folder`` holds ``marker``, a JSON object whose ``versions`` name compress."""
+    """Whether ``folder`` holds ``marker``, a JSON object whose ``versions`` name compress (for a ``.gguf``
+    file: its ``GGUF_METADATA_KEY`` entry)."""
     try:
-        data = json.loads((Path(folder) / marker).read_text())
-    except (OSError, ValueError):
+        if is_file_output(folder) and Path(folder).is_file():
+            import gguf
+
+            field = gguf.GGUFReader(str(folder)).fields.get(GGUF_METADATA_KEY)
+            data = json.loads(field.contents()) if field is not None else None
+        else:
+            data = json.loads((Path(folder) / marker).read_text())
+    except (OSError, ValueError, IndexError, KeyError):
         return False
     return isinstance(data, dict) and isinstance(data.get("versions"), dict) and "compress" in data["versions"]
 
@@ -142,6 +156,11 @@ def _repair(out: Path) -> None:
     for tmp in (p for p in out.parent.glob(f".{out.name}.tmp-*") if p.is_dir()):
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("removed %s, left by a run that was killed while writing", tmp)
+    partial = partial_folder(out)
+    if is_file_output(out) and (_read_state(partial / RESUME_STATE) or {}).get("finished") \
+            and not (partial / GGUF_FILE).exists():
+        shutil.rmtree(partial)
+        log.warning("removed %s: the folder of a run that was killed just after its file was in place", partial)
     state = out / Path(RESUME_STATE).parent
     if written_by_compress(out) and (_read_state(out / RESUME_STATE) or {}).get("finished"):
         shutil.rmtree(state)
@@ -164,6 +183,15 @@ def check_output(out: Path, overwrite: bool, marker: str = METADATA) -> None:
         OutputError: naming the folder, the reason and the fix.
     """
     if not out.exists():
+        return
+    if is_file_output(out):
+        if not out.is_file():
+            raise OutputError(f"output {str(out)!r} exists and is not a file: choose another --out")
+        if not overwrite:
+            raise OutputError(f"output file {str(out)!r} exists: pass --overwrite or choose another --out")
+        if not written_by_compress(out):
+            raise OutputError(f"--overwrite replaces only a GGUF file compress wrote; {str(out)!r} is not one: "
+                              f"choose another --out")
         return
     if not out.is_dir():
         raise OutputError(f"output {str(out)!r} exists and is not a folder: choose another --out")
@@ -266,8 +294,13 @@ class Claim:
             raise
 
     def _move_into_place(self, tmp: Path) -> None:
-        """Three renames and removals; ``_repair`` completes or undoes them after a kill between any two."""
+        """Three renames and removals; ``_repair`` completes or undoes them after a kill between any two. A
+        file output is one atomic rename of the file, then the folder is removed."""
         out, old = self.out, _old_folder(self.out)
+        if is_file_output(out):
+            os.replace(tmp / GGUF_FILE, out)
+            shutil.rmtree(tmp)
+            return
         if out.exists():
             os.rename(out, old)
         os.rename(tmp, out)

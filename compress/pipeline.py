@@ -170,6 +170,7 @@ def compress_sequential(
     io: BlockIO | None = None,
     bounded: bool = False,
     checked: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.
 
@@ -191,6 +192,7 @@ def compress_sequential(
         bounded: run each block bounded (module docstring; ``plan_memory`` decides): the same result with
             one chunk's activations alive at a time.
         checked: the caller ran ``check(model, recipe)`` already (``compress.prune`` does, before any work).
+        scale_dtype: what quantization scales are rounded to (default: the model's dtype; GGUF stores fp16).
 
     Returns:
         Report with one LayerReport per compressed linear, and the integer form of quantized ones.
@@ -234,7 +236,8 @@ def compress_sequential(
         block_name = f"{prefix}.{i}"
         targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
         groups = probe_groups(block, probe, targets)
-        compressor = BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride, act_edges)
+        compressor = BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride, act_edges,
+                                     scale_dtype)
         outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")

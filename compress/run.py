@@ -27,12 +27,13 @@ from compress.memory import block_cache_bytes, memory_budget
 log = logging.getLogger(__name__)
 
 
-def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", device: str = "auto",
+def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gguf_dtype: str = "f16", device: str = "auto",
           dtype: str = "auto", chunk_samples: int = 0, max_memory: str = "auto", overwrite: bool = False,
           resume: bool = False, save_every: float = 60.0, allow_partial: bool = False,
           progress: bool = True) -> pipeline.Report:
     """Compress ``model`` (hub id, local folder or .gguf) with ``recipe`` on its calibration text
-    (``recipe.calib``) and write the result to ``out`` in ``fmt`` (dense | compressed-tensors | packed).
+    (``recipe.calib``) and write the result to ``out`` in ``fmt`` (dense | compressed-tensors | packed |
+    gguf: one file, ``out`` ending in ``.gguf``, its unquantized 2-D tensors in ``gguf_dtype``).
 
     Run options as the ``compress prune`` flags of the same names: ``chunk_samples`` (0: default),
     ``max_memory`` (a size, ``auto`` or ``0``), ``overwrite``, ``resume``, ``save_every`` (seconds),
@@ -53,7 +54,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
     from compress.checkpoint import load_module
 
     out = Path(out)
-    export.check_format(fmt, recipe)
+    export.check_format(fmt, recipe, out, gguf_dtype)
     if chunk_samples < 0:
         raise ValueError(f"--chunk-samples {chunk_samples} must be 0 (all) or positive")
     if recipe.calib.source != selfgen.SOURCE:
@@ -72,6 +73,8 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
         coverage = models.coverage(lm, recipe.ignore)
         coverage.check(allow_partial)
         export.check_layers(fmt, recipe, lm)
+        if fmt == "gguf":
+            export.gguf.check_model(lm, tokenizer, model)
         if fmt == "compressed-tensors":
             prefix = models.decoder_blocks(lm)[0]
             first = (lambda block: load_module(checkpoint, block, f"{prefix}.0")) if checkpoint else None
@@ -105,12 +108,13 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
             return pipeline.Report.from_dict(export.read_metadata(out)["report"])
         with target.writing(resumable=True) as tmp:
             output = export.StreamedOutput(lm, tmp, checkpoint, fmt, recipe, fingerprint=fingerprint,
-                                           save_every=save_every)
+                                           save_every=save_every, source=model, gguf_dtype=gguf_dtype)
             with _block_bar(len(models.decoder_blocks(lm)[1]), str(recipe), progress) as on_block:
                 with allocator.reuse_large_blocks(block_cache_bytes(plan) if dev.type == "cpu" else 0):
                     report = pipeline.compress_sequential(lm, tokens, recipe, device=dev,
                                                           chunk_samples=chunk_samples or None, on_block=on_block,
-                                                          io=output, bounded=plan.bounded, checked=True)
+                                                          io=output, bounded=plan.bounded, checked=True,
+                                                          scale_dtype=export.gguf.SCALE_DTYPE if fmt == "gguf" else None)
             sparse24 = recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)
             metadata = {
                 "source_model": model,
@@ -126,7 +130,8 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", de
             }
             output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds,
                           gate_space=report.gate_space, act_edges=report.act_edges)
-    log.info("wrote %s%s", out, " (compressed-tensors, pack-quantized)" if fmt == "compressed-tensors" else "")
+    log.info("wrote %s%s", out, {"compressed-tensors": " (compressed-tensors, pack-quantized)",
+                                 "gguf": " (GGUF for llama.cpp)"}.get(fmt, ""))
     return report
 
 

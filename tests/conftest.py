@@ -11,11 +11,15 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
@@ -32,18 +36,21 @@ def _text_sample() -> str:
 
 
 def build(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random causal LM of ``family`` (llama, llama-tied, qwen2, opt, gpt2), eval mode, float32."""
+    """A tiny random causal LM of ``family`` (llama, llama-tied, mistral, qwen2, qwen3, opt, gpt2), eval mode,
+    float32."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, **overrides)
+    common = {"vocab_size": VOCAB, **overrides}
     if family in ("llama", "llama-tied"):
         cfg = LlamaConfig(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     intermediate_size=128, max_position_embeddings=256,
                                     tie_word_embeddings=family == "llama-tied"), **common})
         model = LlamaForCausalLM(cfg)
-    elif family == "qwen2":
-        cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          intermediate_size=128, max_position_embeddings=256, **common)
-        model = Qwen2ForCausalLM(cfg)
+    elif family in ("mistral", "qwen2", "qwen3"):
+        config, causal_lm = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+        cfg = config(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               intermediate_size=128, max_position_embeddings=256, head_dim=16), **common})
+        model = causal_lm(cfg)
     elif family == "opt":
         cfg = OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                         max_position_embeddings=256, word_embed_proj_dim=64, **common)

@@ -180,4 +180,5 @@ def test_a_searched_symmetric_grid_uses_the_negative_end_of_the_code_range():
     W = torch.tensor([[-1.0, 0.5, 0.25, -0.125] * 8])  # (1, 32): the extreme is negative
     search = QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="search"))
     assert float(search.scale[0, 0]) == pytest.approx(1 / 8)  # -1.0 on code -8: every weight exact
-    assert torch.equal(search.round(W), W) and not torch.equal(QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="minmax")).round(W), W)
+    minmax = QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="minmax"))
+    assert torch.equal(search.round(W), W) and not torch.equal(minmax.round(W), W)

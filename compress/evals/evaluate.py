@@ -68,6 +68,9 @@ def evaluate(model: str, ppl: str | None = None, tasks: list[str] | tuple[str, .
         first = next(iter(sparsifiers.values()))
         out["activation_setup"] = {"position_bands_from": first.edges.tolist(), "token_scale": first.token_scale,
                                    "dense_prefill": first.dense_prefill}
-    out.update(compression=export.read_metadata(Path(model)) if Path(model).is_dir() else None,
+    is_gguf = model.endswith(".gguf") and Path(model).is_file()
+    out.update(compression=export.read_metadata(Path(model)) if Path(model).is_dir() or is_gguf else None,
                versions=outputs.versions())
+    if is_gguf:  # what the file stores: report names it (a llama.cpp Q4_0 file is not "dense")
+        out["gguf"] = export.gguf.describe(Path(model))
     return out

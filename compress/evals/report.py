@@ -52,13 +52,18 @@ def read_run(path: Path) -> Run:
         parts.append(f"{recipe.act.method} act")
     layers = (meta.get("report") or {}).get("layers", [])
     bits = {layer.get("bits") for layer in layers} - {None}
+    stored = data.get("gguf") or {}  # a .gguf file: its GGML types, e.g. a llama.cpp Q4_0 file
+    main_type = max(stored.get("types", {}).items(), key=lambda kv: kv[1], default=(None, 0))[0]
+    if main_type and recipe is None and main_type not in ("F32", "F16", "BF16"):
+        parts.append(f"gguf {main_type}")
     zs = data.get("zero_shot") or {}
     zs_protocol = zs.get("protocol") or {}
     return Run(name=Path(path).stem, method=" + ".join(parts) or "dense",
-               sparsity=(meta.get("report") or {}).get("sparsity", 0.0), bits=max(bits) if bits else None,
+               sparsity=(meta.get("report") or {}).get("sparsity", stored.get("sparsity", 0.0)),
+               bits=max(bits) if bits else (round(stored["bits_per_weight"], 2) if parts and stored else None),
                ppl=data.get("ppl"), accuracy=zs.get("mean_accuracy"),
                tasks={t: m["acc"] for t, m in (zs.get("tasks") or {}).items() if "acc" in m},
-               weights_format=meta.get("format") or "dense",
+               weights_format=(meta.get("format") or "gguf") + f" {main_type}" if main_type else meta.get("format") or "dense",
                ppl_protocol={"text": data.get("text_sha256") or data.get("source"), "seqlen": data.get("seqlen"),
                              "windows": data.get("windows")} if data.get("ppl") is not None else None,
                zero_shot_protocol={"tasks": sorted(zs.get("tasks") or {}), "limit": zs_protocol.get("limit"),

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-from compress.outputs import OutputError
+from compress.outputs import OutputError, is_file_output
 
-FORMATS = ("dense", "compressed-tensors", "packed")
+FORMATS = ("dense", "compressed-tensors", "packed", "gguf")
 CT_GROUP_SIZES = (32, 64, 128)  # what vLLM's compressed-tensors W4A16/W8A16 kernels take (or per channel)
 CT_BITS = (4, 8)
 
 
-def check_format(fmt: str, recipe) -> None:
-    """Refuse, before any work, an output format that cannot hold ``recipe`` (a ``config.Recipe``); what
-    needs the model is ``check_layers``'.
+def check_format(fmt: str, recipe, out: Path | None = None, gguf_dtype: str = "f16") -> None:
+    """Refuse, before any work, an output format that cannot hold ``recipe`` (a ``config.Recipe``) or does not
+    fit ``out`` (a ``.gguf`` file for ``gguf``, a folder for the others); what needs the model is
+    ``check_layers``' (and ``gguf.check_model``'s).
 
     Raises:
         OutputError: naming the value and the fix.
     """
     if fmt not in FORMATS:
         raise OutputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if out is not None and is_file_output(out) != (fmt == "gguf"):
+        raise OutputError(f"--out {str(out)!r} with --format {fmt}: a GGUF is one file, use --format gguf with an "
+                          f"--out ending in .gguf (and a folder for the other formats)")
+    if fmt == "gguf":
+        from compress.export import gguf
+
+        gguf.check_recipe(recipe, gguf_dtype)
+        return
     if recipe.quant_lm_head and fmt == "compressed-tensors":
         raise OutputError("--quant-lm-head is not written in the compressed-tensors format yet: use --format packed or dense")
     if fmt == "packed":
@@ -80,7 +90,10 @@ def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, 
         n_out, n_in = layer.shape
         dense += n_out * n_in * size
         if layer.bits is None or fmt == "dense":
-            stored += n_out * n_in * size
+            stored += n_out * n_in * (2 if fmt == "gguf" else size)  # gguf: --gguf-dtype's default f16
+            continue
+        if fmt == "gguf":  # 32-weight blocks: Q4_0 18 bytes, Q4_1 20, Q8_0 34
+            stored += n_out * n_in // 32 * (34 if layer.bits == 8 else 18 if symmetric else 20)
             continue
         groups = n_in // layer.group_size
         if fmt == "packed":  # kernels.formats: 16-row tiles, fp32 scales (and unsigned zero points)

@@ -13,11 +13,15 @@ from compress.pruning.masks import satisfies_nm
 
 
 def read_metadata(folder: Path) -> dict | None:
-    """A folder's compression.json, ``None`` if it has none.
+    """A folder's compression.json (or a GGUF file's copy of it), ``None`` if it has none.
 
     Raises:
         OutputError: the file is not readable JSON.
     """
+    if str(folder).endswith(".gguf") and Path(folder).is_file():  # a GGUF carries it inside
+        from compress.export.gguf import read_metadata as from_gguf
+
+        return from_gguf(Path(folder))
     path = Path(folder) / METADATA
     if not path.is_file():
         return None
@@ -125,12 +129,18 @@ def info(folder: Path) -> dict:
     2-D weight, with the folder's recipe, format and calibration when compress wrote it.
 
     Raises:
-        OutputError: not a folder, or no readable safetensors in it.
+        OutputError: not a folder (or a .gguf file), or no readable safetensors in it.
         checkpoint.CheckpointError: a damaged file, named.
     """
-    if not Path(folder).is_dir():
-        raise OutputError(f"{str(folder)!r} is not a folder: pass an output folder of compress prune")
-    rows = layer_table(folder)
+    is_gguf = str(folder).endswith(".gguf") and Path(folder).is_file()
+    if not Path(folder).is_dir() and not is_gguf:
+        raise OutputError(f"{str(folder)!r} is not a folder or a .gguf file: pass an output of compress prune")
+    if is_gguf:
+        from compress.export import gguf
+
+        rows = gguf.layer_table(Path(folder))
+    else:
+        rows = layer_table(folder)
     meta = read_metadata(folder) or {}
 
     def numel(row):
@@ -144,4 +154,5 @@ def info(folder: Path) -> dict:
             "block_linears_bytes": sum(r["bytes"] for r in linear_rows),
             "block_linears_bits_per_weight": 8 * sum(r["bytes"] for r in linear_rows) / total,
             "recipe": meta.get("recipe"), "summary": meta.get("report", {}).get("recipe"),
-            "format": meta.get("format", "dense") if meta else None, "calibration": meta.get("calibration")}
+            "format": meta.get("format", "dense") if meta else ("gguf" if is_gguf else None),
+            "calibration": meta.get("calibration")}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from compress.export import compressed_tensors, packed
-from compress.outputs import METADATA, RESUME_STATE, finish_state, versions
+from compress.export import compressed_tensors, gguf, packed
+from compress.outputs import GGUF_FILE, METADATA, RESUME_STATE, finish_state, versions
 
 
 def _write_extras(tmp: Path, tokenizer, metadata: dict, act_thresholds: dict | None, gate_space: dict | None = None,
@@ -38,15 +38,19 @@ class StreamedOutput:
         folder: the (temporary) output folder.
         checkpoint: a ``checkpoint.Checkpoint`` the model's meta-device blocks are read from, or ``None`` for
             a model in memory.
-        fmt: ``dense``, ``compressed-tensors`` or ``packed`` (compress's kernels' layouts, listed under
-            ``packed`` in compression.json; ``compress.load`` reads it).
+        fmt: ``dense``, ``compressed-tensors``, ``packed`` (compress's kernels' layouts, listed under
+            ``packed`` in compression.json; ``compress.load`` reads it) or ``gguf`` (the shards hold llama.cpp's
+            tensors; ``finish`` assembles them into one file, ``gguf.GGUF_FILE``, and removes them).
         fingerprint: what a resumed run must match (model files, calibration, recipe, versions).
         save_every: seconds between saves of the resume state (the next block's inputs and the report so far,
             after a block's shard is written); ``None`` never saves one, 0 saves after every block.
+        source: the model as given (``gguf``: a ``.gguf`` source's vocabulary is copied from it).
+        gguf_dtype: ``gguf``: the type of the 2-D tensors the recipe does not quantize.
     """
 
     def __init__(self, model, folder: Path, checkpoint=None, fmt: str = "dense", recipe=None,
-                 fingerprint: dict | None = None, save_every: float | None = None):
+                 fingerprint: dict | None = None, save_every: float | None = None, source: str = "",
+                 gguf_dtype: str = "f16"):
         from compress import models
         from compress.checkpoint import ShardWriter
 
@@ -63,6 +67,8 @@ class StreamedOutput:
         self.dtype = next(iter(model.parameters())).dtype
         self.quantized_names: set[str] = set()
         self.packed_layers: dict[str, dict] = {}  # --format packed: linear name -> layout, shape, group size
+        self.source, self.gguf_dtype = source, gguf_dtype
+        self.gguf_names = gguf.TensorNames(model.config) if fmt == "gguf" else None
 
     def started(self, model) -> None:
         if self.checkpoint is None:
@@ -132,6 +138,8 @@ class StreamedOutput:
             act = self.recipe.act if self.recipe is not None else None
             state, layers = packed.pack_state(state, quantized, {n for n in quantized if act and act.target_for(n)})
             self.packed_layers.update(layers)
+        elif self.fmt == "gguf":
+            state = gguf.block_state(state, quantized, self.gguf_names)
         self.writer.write(index, state)
         release(block)
         if (block_state is not None and self.save_every is not None and block_state.next_block < self.n_blocks
@@ -151,6 +159,8 @@ class StreamedOutput:
             if not name.startswith(self.prefix + ".") and (t.device, t.data_ptr()) not in seen:  # tied: stored once
                 seen.add((t.device, t.data_ptr()))
                 state[name] = t.detach().cpu()
+        if self.fmt == "gguf":
+            return self._finish_gguf(model, tokenizer, gguf.head_state(model, state, self.recipe, self.gguf_names), metadata)
         if self.recipe is not None and self.recipe.quant_lm_head:
             self.packed_layers.update(packed.quantize_lm_head(model, state, self.recipe, self.fmt) or {})
         self.writer.write(self.writer.n_shards - 1, state)
@@ -168,3 +178,19 @@ class StreamedOutput:
         _write_extras(self.folder, tokenizer, metadata, act_thresholds, gate_space, act_edges)
         if self.save_every is not None:  # complete: a kill from here on never recomputes it
             finish_state(self.folder, self.fingerprint)
+
+    def _finish_gguf(self, model, tokenizer, state: dict, metadata: dict) -> None:
+        """Assemble the shards into ``gguf.GGUF_FILE``, then drop them (after the resume state says finished,
+        so that a kill in between never leaves a run whose shards are gone)."""
+        from compress.export.gguf_vocab import vocabulary
+
+        self.writer.write(self.writer.n_shards - 1, state)
+        shards = [self.folder / self.writer.shard_name(k) for k in range(self.writer.n_shards)]
+        qtype = gguf.quant_type(self.recipe.quant if self.recipe is not None else None)
+        metadata = {**metadata, "gguf_dtype": self.gguf_dtype, "versions": versions()}
+        vocab = vocabulary(tokenizer, self.source, model.get_input_embeddings().weight.shape[0])
+        gguf.assemble(shards, self.folder / GGUF_FILE, model.config, vocab, metadata, qtype, self.gguf_dtype)
+        if self.save_every is not None:
+            finish_state(self.folder, self.fingerprint)
+        for shard in shards:
+            shard.unlink()

@@ -1,0 +1,168 @@
+"""compress's GGUF exports against llama.cpp's own quantizers, measured by llama.cpp's own evaluator (issue 24).
+
+On SmolLM2-135M-Instruct (the embedded default; its dense weights are the source of every file):
+- llama.cpp: its converter's F32 GGUF of the dense model, ``llama-quantize`` Q4_0 and Q8_0 of it, and Q4_0
+  with an importance matrix (``llama-imatrix``) from compress's own calibration windows, decoded to text;
+- compress: ``compress prune --format gguf`` for each recipe in ``RECIPES`` (calibration 128 x 512 tokens of
+  WikiText-2 valid.txt, seed 0), and the dense export of the first, converted to F32 by llama.cpp's converter
+  (the fidelity reference: the same weights, only llama.cpp's 8-bit activations differ);
+- each file through ``llama-perplexity -c 1024 --chunks 50`` on WikiText-2 test.txt and ``--chunks 30`` on a
+  held-out text no method here calibrates on (the long descriptions of the installed Python packages), and
+  each compress file also through ``compress eval --ppl`` (compress's protocol: 50 windows of 1024).
+
+Every step's output is kept in ``--work`` and skipped when present, so an interrupted run continues; the JSON
+is rewritten after every measurement.
+
+    python benchmarks/gguf_quality.py --work /tmp/gguf-work --json benchmarks/results/gguf-quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (benchmarks/quality.py: the dense folder and calibration tokens)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+COMPRESS = [sys.executable, "-m", "compress.cli"]
+# name -> compress prune flags (every one written with --format gguf)
+RECIPES = {
+    "gptq-w4g32": ["--quant", "w4g32"],
+    "gptq-w4g32-minmax": ["--quant", "w4g32", "--quant-scale", "minmax"],
+    "rtn-w4g32": ["--quant", "w4g32", "--quant-method", "rtn"],
+    "gptq-w8g32": ["--quant", "w8g32"],
+    "sparsegpt-2:4-gptq-w4g32": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"],
+    "gptq-w4g64": ["--quant", "w4g64"],
+    "gptq-w4g64-minmax": ["--quant", "w4g64", "--quant-scale", "minmax"],
+    "gptq-w8g32-minmax": ["--quant", "w8g32", "--quant-scale", "minmax"],
+    "sparsegpt-2:4-gptq-w4g32-minmax": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32",
+                                        "--quant-scale", "minmax"],
+}
+
+
+def heldout_text(path: Path) -> Path:
+    """The long descriptions of the installed packages' METADATA (technical English, not WikiText)."""
+    if not path.is_file():
+        from importlib.metadata import distributions
+
+        parts = []
+        for dist in sorted(distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+            body = dist.metadata.get_payload() if hasattr(dist.metadata, "get_payload") else None
+            body = body or dist.metadata.get("Description") or ""
+            if len(body) > 2000:
+                parts.append(body.strip())
+        path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def run(cmd: list, log: Path, env: dict | None = None) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        code = subprocess.call([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({code}), see {log}")
+    return time.perf_counter() - start
+
+
+def llama_ppl(bin_dir: Path, gguf: Path, text: Path, chunks: int, log: Path) -> float:
+    if not log.is_file() or "Final estimate" not in log.read_text():
+        run([bin_dir / "llama-perplexity", "-m", gguf, "-f", text, "-c", 1024, "--chunks", chunks, "-t", 2, "-b", 1024], log)
+    return float(re.search(r"Final estimate: PPL = ([\d.]+)", log.read_text())[1])
+
+
+def compress_ppl(model: Path, text: Path, limit: int, log: Path) -> float:
+    out = log.with_suffix(".json")
+    if not out.is_file():
+        run([*COMPRESS, "eval", model, "--ppl", text, "--seqlen", 1024, "--limit", limit, "--json", out], log)
+    return json.loads(out.read_text())["ppl"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--only", nargs="*", help="recipes of RECIPES to run (default: all)")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(subprocess.check_output(["bash", str(ROOT.parent / "shared" / "tools" / "llama-cpp.sh")], text=True).strip())
+    source, dense_dir, calib_pt = quality.prepare(work, DATA, 128, 512)
+    texts = {"wikitext2-test": (DATA / "test.txt", 50), "heldout": (heldout_text(work / "heldout.txt"), 30)}
+    cpu = subprocess.check_output(["lscpu"], text=True)
+    results = {"cpu": re.search(r"Model name:\s*(.*)", cpu)[1] + (" (AVX-512)" if "avx512f" in cpu else " (AVX2)"), "files": {},
+               "texts": {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, (p, _) in texts.items()}}
+
+    def save():
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    def measure(name: str, gguf: Path, ours: bool, seconds: float | None = None):
+        entry = results["files"].setdefault(name, {"file": gguf.name, "bytes": gguf.stat().st_size})
+        if seconds is not None:
+            entry["seconds"] = seconds
+        for key, (text, chunks) in texts.items():
+            entry[f"llama_ppl_{key}"] = llama_ppl(bin_dir, gguf, text, chunks, work / f"{name}.{key}.llama.log")
+            save()
+        if ours:
+            for key, (text, chunks) in texts.items():
+                entry[f"compress_ppl_{key}"] = compress_ppl(gguf, text, chunks, work / f"{name}.{key}.compress.log")
+                save()
+        print(name, entry, flush=True)
+
+    converter = bin_dir.parent.parent / "convert_hf_to_gguf.py"
+    env = {**os.environ, "PYTHONPATH": str(bin_dir.parent.parent / "gguf-py")}
+    f32 = work / "dense-f32.gguf"
+    if not f32.is_file():
+        run([sys.executable, converter, dense_dir, "--outtype", "f32", "--outfile", f32], work / "convert-dense.log", env)
+    measure("llama.cpp F32 (dense)", f32, ours=False)
+    for qtype in ("Q4_0", "Q8_0"):
+        path = work / f"llama-{qtype.lower()}.gguf"
+        if not path.is_file():
+            run([bin_dir / "llama-quantize", f32, path, qtype], work / f"quantize-{qtype}.log")
+        measure(f"llama.cpp {qtype}", path, ours=False)
+    calib_text = work / "calib-windows.txt"  # compress's calibration windows, decoded, for llama-imatrix
+    if not calib_text.is_file():
+        import torch
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(dense_dir)
+        calib_text.write_text("\n".join(tok.decode(row) for row in torch.load(calib_pt)), encoding="utf-8")
+    imatrix = work / "imatrix.gguf"
+    if not imatrix.is_file():
+        run([bin_dir / "llama-imatrix", "-m", f32, "-f", calib_text, "-c", 512, "--chunks", 128, "-t", 2, "-o", imatrix],
+            work / "imatrix.log")
+    path = work / "llama-q4_0-imatrix.gguf"
+    if not path.is_file():
+        run([bin_dir / "llama-quantize", "--imatrix", imatrix, f32, path, "Q4_0"], work / "quantize-imatrix.log")
+    measure("llama.cpp Q4_0 + imatrix", path, ours=False)
+
+    calib = ["--calib", DATA / "valid.txt", "--nsamples", 128, "--seqlen", 512]
+    for name, flags in RECIPES.items():
+        if args.only and name not in args.only:
+            continue
+        path, seconds = work / f"compress-{name}.gguf", None
+        if not path.is_file():
+            seconds = run([*COMPRESS, "prune", source, *flags, *calib, "--format", "gguf", "--out", path],
+                          work / f"prune-{name}.log")
+        measure(f"compress {name}", path, ours=True, seconds=seconds)
+        if name == "gptq-w4g32":  # fidelity: the same recipe's dense export through llama.cpp's converter
+            dense_out, ref = work / f"compress-{name}-dense", work / f"compress-{name}-dense-f32.gguf"
+            if not dense_out.is_dir():
+                run([*COMPRESS, "prune", source, *flags, *calib, "--out", dense_out], work / f"prune-{name}-dense.log")
+            if not ref.is_file():
+                run([sys.executable, converter, dense_out, "--outtype", "f32", "--outfile", ref],
+                    work / f"convert-{name}.log", env)
+            measure(f"compress {name} dense export -> F32", ref, ours=False)
+    save()
+
+
+if __name__ == "__main__":
+    main()
