@@ -4,8 +4,9 @@ On SmolLM2-135M-Instruct (the embedded default; its dense weights are the source
 - llama.cpp: its converter's F32 GGUF of the dense model, ``llama-quantize`` Q4_0 and Q8_0 of it, and Q4_0
   with an importance matrix (``llama-imatrix``) from compress's own calibration windows, decoded to text;
 - compress: ``compress prune --format gguf`` for each recipe in ``RECIPES`` (calibration 128 x 512 tokens of
-  WikiText-2 valid.txt, seed 0), and the dense export of the first, converted to F32 by llama.cpp's converter
-  (the fidelity reference: the same weights, only llama.cpp's 8-bit activations differ);
+  WikiText-2 valid.txt, seed 0); for the first, the fidelity references, converted to F32 by llama.cpp's
+  converter: the GGUF's own weights saved dense (only llama.cpp's 8-bit activations then differ), and a
+  second run of the recipe exported dense (fp32 scales), whose weights are also compared with the GGUF's;
 - each file through ``llama-perplexity -c 1024 --chunks 50`` on WikiText-2 test.txt and ``--chunks 30`` on a
   held-out text no method here calibrates on (the long descriptions of the installed Python packages), and
   each compress file also through ``compress eval --ppl`` (compress's protocol: 50 windows of 1024).
@@ -37,16 +38,58 @@ COMPRESS = [sys.executable, "-m", "compress.cli"]
 # name -> compress prune flags (every one written with --format gguf)
 RECIPES = {
     "gptq-w4g32": ["--quant", "w4g32"],
-    "gptq-w4g32-minmax": ["--quant", "w4g32", "--quant-scale", "minmax"],
     "rtn-w4g32": ["--quant", "w4g32", "--quant-method", "rtn"],
     "gptq-w8g32": ["--quant", "w8g32"],
     "sparsegpt-2:4-gptq-w4g32": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"],
+    "gptq-w4g32-minmax": ["--quant", "w4g32", "--quant-scale", "minmax"],
     "gptq-w4g64": ["--quant", "w4g64"],
     "gptq-w4g64-minmax": ["--quant", "w4g64", "--quant-scale", "minmax"],
     "gptq-w8g32-minmax": ["--quant", "w8g32", "--quant-scale", "minmax"],
     "sparsegpt-2:4-gptq-w4g32-minmax": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32",
                                         "--quant-scale", "minmax"],
 }
+
+
+DEQUANTIZE = """import sys
+from compress import models
+model, tok = models.load(sys.argv[1])
+model.save_pretrained(sys.argv[2])
+tok.save_pretrained(sys.argv[2])
+"""
+
+
+def compare_weights(gguf_path: Path, dense_dir: Path) -> dict:
+    """The GGUF's decoder linears (dequantized by gguf-py) against the dense export of the same recipe: the
+    share of weights that are equal up to the fp16 scale (within 0.01 of their group's step) and the
+    largest difference in steps (a separate run: GPTQ's error feedback may move codes where fp16 and fp32
+    scales round a weight differently)."""
+    import gguf
+    import torch
+
+    from compress import models
+
+    dense = models.load(str(dense_dir))[0].state_dict()
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    config = models.load(str(dense_dir))[0].config
+    equal = total = 0
+    worst = 0.0
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        parts = t.name.split(".")
+        if parts[0] != "blk" or parts[2] not in names:
+            continue
+        W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        if parts[2] in ("attn_q", "attn_k"):  # GGML's rotary row order back to transformers'
+            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
+            W = W.reshape(heads, -1, 2, W.shape[1]).transpose(1, 2).reshape(W.shape)
+        D = dense[f"model.layers.{parts[1]}.{names[parts[2]]}.weight"].float()
+        step = (W.reshape(W.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 7.5).expand(-1, -1, 32).reshape(W.shape)
+        diff = (W - D).abs() / step.clamp(min=1e-12)
+        equal += int((diff < 0.01).sum())  # the fp16 scale moves a code-8 weight by <= 8 * 2^-11 steps
+        total += W.numel()
+        worst = max(worst, float(diff.max()))
+    return {"weights": total, "equal_share": equal / total, "max_diff_steps": worst}
 
 
 def heldout_text(path: Path) -> Path:
@@ -91,10 +134,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--only", nargs="*", help="recipes of RECIPES to run (default: all)")
+    ap.add_argument("--dense-run", action="store_true", help="also run the first recipe exported dense (fp32 scales), "
+                    "convert and measure it, and compare its weights with the GGUF's")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(subprocess.check_output(["bash", str(ROOT.parent / "shared" / "tools" / "llama-cpp.sh")], text=True).strip())
+    bin_dir = Path(subprocess.check_output(["bash", str(ROOT / "scripts" / "llama-cpp.sh")], text=True).strip())
     source, dense_dir, calib_pt = quality.prepare(work, DATA, 128, 512)
     texts = {"wikitext2-test": (DATA / "test.txt", 50), "heldout": (heldout_text(work / "heldout.txt"), 30)}
     cpu = subprocess.check_output(["lscpu"], text=True)
@@ -153,14 +198,20 @@ def main() -> None:
             seconds = run([*COMPRESS, "prune", source, *flags, *calib, "--format", "gguf", "--out", path],
                           work / f"prune-{name}.log")
         measure(f"compress {name}", path, ours=True, seconds=seconds)
-        if name == "gptq-w4g32":  # fidelity: the same recipe's dense export through llama.cpp's converter
-            dense_out, ref = work / f"compress-{name}-dense", work / f"compress-{name}-dense-f32.gguf"
-            if not dense_out.is_dir():
-                run([*COMPRESS, "prune", source, *flags, *calib, "--out", dense_out], work / f"prune-{name}-dense.log")
-            if not ref.is_file():
-                run([sys.executable, converter, dense_out, "--outtype", "f32", "--outfile", ref],
-                    work / f"convert-{name}.log", env)
-            measure(f"compress {name} dense export -> F32", ref, ours=False)
+        if name == "gptq-w4g32":  # fidelity: the same weights in F32 through llama.cpp's converter
+            for kind in ("dequantized", "dense") if args.dense_run else ("dequantized",):
+                folder, ref = work / f"compress-{name}-{kind}", work / f"compress-{name}-{kind}-f32.gguf"
+                if not folder.is_dir() and kind == "dequantized":  # the GGUF's own weights (transformers reads it)
+                    run([sys.executable, "-c", DEQUANTIZE, path, folder], work / f"dequantize-{name}.log")
+                if not folder.is_dir() and kind == "dense":  # a second run of the recipe, exported dense
+                    run([*COMPRESS, "prune", source, *flags, *calib, "--out", folder], work / f"prune-{name}-dense.log")
+                if not ref.is_file():
+                    run([sys.executable, converter, folder, "--outtype", "f32", "--outfile", ref],
+                        work / f"convert-{name}-{kind}.log", env)
+                measure(f"compress {name} {kind} -> F32", ref, ours=False)
+            if args.dense_run:
+                results["weights_vs_dense_export"] = compare_weights(path, work / f"compress-{name}-dense")
+                save()
     save()
 
 

