@@ -8,11 +8,13 @@ Conventions (those of GPTQ and of the compressed-tensors format, so exports need
 - a group is ``group_size`` consecutive input weights of one output row (per output channel when
   ``group_size`` is the whole row).
 
-Scales are min-max (``--quant-scale minmax``) or searched (``search``): each group takes, of the min-max scale
-and ``SEARCH_STEPS`` candidates from the full signed range (the largest magnitude on code ``-2^(b-1)`` when it
-is negative) down to ``SEARCH_SHRINK`` of it, the one with the least importance-weighted rounding error
-``sum_j d_j (w_j - q_j s)^2``, ``d_j`` the input channel's mean square (the Hessian's diagonal). The min-max
-scale is a candidate, so the searched grid never rounds the group worse by that measure.
+Scales are searched (``--quant-scale search``, the default) or min-max (``minmax``): each group takes, of the
+min-max scale, ``SEARCH_STEPS`` candidates from the full signed range (the largest magnitude on code
+``-2^(b-1)`` when it is negative) down to ``SEARCH_SHRINK`` of it, and for each candidate the least-squares
+scale of the codes it rounds to (``sum_j d_j w_j q_j / sum_j d_j q_j^2``, as llama.cpp's quantizers refit
+theirs), the one with the least importance-weighted rounding error ``sum_j d_j (w_j - q_j s)^2``, ``d_j`` the
+input channel's mean square (the Hessian's diagonal). Every scale is judged by nearest rounding, as it will be
+used, and the min-max scale is a candidate, so the searched grid never rounds the group worse by that measure.
 """
 
 from __future__ import annotations
@@ -94,25 +96,35 @@ class QuantGrid:
     @classmethod
     def _search(cls, Wg: torch.Tensor, d: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, best: "QuantGrid",
                 cfg: QuantConfig, scale_dtype: torch.dtype) -> "QuantGrid":
-        """Per group, the candidate grid of least ``sum_j d_j (w_j - q_j s)^2`` (module docstring); ``best``
-        (min-max) wins ties. ``Wg`` ``(out, groups, g)``, ``d`` ``(groups, g)``."""
+        """Per group, the candidate grid (or its least-squares refit) of least ``sum_j d_j (w_j - q_j s)^2``
+        (module docstring); ``best`` (min-max) wins ties. ``Wg`` ``(out, groups, g)``, ``d`` ``(groups, g)``."""
         def error(grid: "QuantGrid") -> torch.Tensor:  # (out, groups)
             s = grid.scale[..., None]
             z = grid.zero[..., None] if grid.zero is not None else 0.0
             q = (torch.round(Wg / s) + z).clamp(grid.qmin, grid.qmax)
             return (((q - z) * s - Wg) ** 2 * d).sum(-1)
 
+        def refit(grid: "QuantGrid") -> "QuantGrid":  # the least-squares scale of the codes ``grid`` rounds to
+            s = grid.scale[..., None]
+            z = grid.zero[..., None] if grid.zero is not None else 0.0
+            q = (torch.round(Wg / s) + z).clamp(grid.qmin, grid.qmax) - z  # (out, groups, g)
+            num, den = (d * Wg * q).sum(-1), (d * q * q).sum(-1)
+            scale = torch.where(den > 0, num / den.clamp(min=1e-30), grid.scale).to(scale_dtype).float()
+            return cls(scale=torch.where(scale > 0, scale, grid.scale), zero=grid.zero, bits=grid.bits,
+                       group_size=grid.group_size)
+
         best_error = error(best)
         edge = float(1 << (cfg.bits - 1))  # |code -2^(b-1)|: the signed range's far end
         for shrink in torch.linspace(1.0, SEARCH_SHRINK, SEARCH_STEPS).tolist():
             candidate = cls._minmax(lo, hi, cfg, scale_dtype, best.group_size, shrink,
                                     signed_max=edge if cfg.symmetric else None)
-            err = error(candidate)
-            better = err < best_error
-            best.scale = torch.where(better, candidate.scale, best.scale)
-            if best.zero is not None:
-                best.zero = torch.where(better, candidate.zero, best.zero)
-            best_error = torch.minimum(err, best_error)
+            for grid in (candidate, refit(candidate)):
+                err = error(grid)
+                better = err < best_error
+                best.scale = torch.where(better, grid.scale, best.scale)
+                if best.zero is not None:
+                    best.zero = torch.where(better, grid.zero, best.zero)
+                best_error = torch.minimum(err, best_error)
         return best
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
