@@ -68,11 +68,11 @@ def compare_weights(gguf_path: Path, dense_dir: Path) -> dict:
 
     from compress import models
 
-    dense = models.load(str(dense_dir))[0].state_dict()
+    model = models.load(str(dense_dir))[0]
+    dense, config = model.state_dict(), model.config
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
              "ffn_down": "mlp.down_proj"}
-    config = models.load(str(dense_dir))[0].config
     equal = total = 0
     worst = 0.0
     for t in gguf.GGUFReader(str(gguf_path)).tensors:

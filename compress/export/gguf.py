@@ -158,24 +158,20 @@ def block_state(state: dict[str, torch.Tensor], quantized: dict, names: TensorNa
 
 
 def head_state(model, state: dict[str, torch.Tensor], recipe, names: TensorNames) -> dict[str, torch.Tensor]:
-    """The tensors outside the decoder blocks under llama.cpp's names; with ``--quant-lm-head`` the output
-    head (the embedding, when tied) rounded to the recipe's grid with fp16 scales and stored as its blocks."""
+    """``block_state`` for the tensors outside the decoder blocks; with ``--quant-lm-head`` the output head (the
+    embedding, when tied) rounded to the recipe's grid with fp16 scales and stored as its blocks."""
+    from compress.export.packed import lm_head_names
     from compress.quant.grid import QuantGrid
+    from compress.reports import QuantizedWeight
 
-    head_key = None
+    quantized = {}
     if recipe is not None and recipe.quant_lm_head and recipe.quant is not None:
-        named = {id(m): n for n, m in model.named_modules()}
-        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-        head_key = f"{named[id(head)]}.weight"
-        head_key = head_key if head_key in state else f"{named[id(embedding)]}.weight"  # tied: stored once
-    out = {}
-    for hf_name, t in state.items():
-        if hf_name == head_key:
-            grid = QuantGrid.fit(t.float(), recipe.quant, SCALE_DTYPE)
-            t = encode(grid.encode(t.float()), grid.scale, grid.zero, grid.bits)
-        gguf_name = names.name(hf_name)
-        out[gguf_name] = names.rows(gguf_name, t)
-    return out
+        head_name, embedding_name, tied = lm_head_names(model, state)
+        module = embedding_name if tied else head_name
+        W = state[f"{module}.weight"].float()
+        grid = QuantGrid.fit(W, recipe.quant, SCALE_DTYPE)
+        quantized[module] = QuantizedWeight(grid.encode(W), grid)
+    return block_state(state, quantized, names)
 
 
 def check_model(model, tokenizer, source: str) -> None:
@@ -265,9 +261,9 @@ def _as_bytes(t: torch.Tensor, ggml_type):
 
 
 def assemble(shards: list[Path], out_file: Path, config, vocab: list[tuple], metadata: dict, qtype,
-             gguf_dtype: str) -> dict:
+             gguf_dtype: str) -> None:
     """Write ``out_file`` from ``shards`` (safetensors of llama.cpp-named tensors, ``block_state`` and
-    ``head_state``), one shard in memory at a time. Returns ``{ggml type name: tensor count}``."""
+    ``head_state``), one shard in memory at a time."""
     import gguf
     import numpy
     from safetensors import safe_open
@@ -280,7 +276,7 @@ def assemble(shards: list[Path], out_file: Path, config, vocab: list[tuple], met
     for key, value, vtype, sub in vocab:
         writer.add_key_value(key, value, vtype, sub)
     writer.add_string(METADATA_KEY, json.dumps(metadata))
-    plan, counts = [], {}
+    plan = []
     for shard in shards:
         with safe_open(str(shard), framework="pt") as fh:
             for name in sorted(fh.keys()):
@@ -291,7 +287,6 @@ def assemble(shards: list[Path], out_file: Path, config, vocab: list[tuple], met
                 byte_shape = shape if dtype == "U8" else [*shape[:-1], shape[-1] // block * size]
                 writer.add_tensor_info(name, byte_shape, numpy.uint8, math.prod(byte_shape), raw_dtype=ggml_type)
                 plan.append((shard, name, ggml_type))
-                counts[ggml_type.name] = counts.get(ggml_type.name, 0) + 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -301,7 +296,6 @@ def assemble(shards: list[Path], out_file: Path, config, vocab: list[tuple], met
             tensors, loaded = load_file(str(shard)), shard
         writer.write_tensor_data(_as_bytes(tensors.pop(name), ggml_type))
     writer.close()
-    return counts
 
 
 def read_metadata(path: Path) -> dict | None:

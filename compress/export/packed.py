@@ -36,6 +36,14 @@ def pack_state(state: dict[str, torch.Tensor], quantized: dict,
     return state, layers
 
 
+def lm_head_names(model, state: dict[str, torch.Tensor]) -> tuple[str, str, bool]:
+    """``(output head, input embedding, tied)`` module names; tied: the head's weight is not in ``state``
+    (tied weights are stored once, under the embedding's name)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name = names[id(model.get_output_embeddings())]
+    return head_name, names[id(model.get_input_embeddings())], f"{head_name}.weight" not in state
+
+
 def quantize_lm_head(model, state: dict[str, torch.Tensor], recipe, fmt: str) -> dict | None:
     """Round the output projection to ``recipe.quant``'s grid in ``state`` (the weights outside the blocks,
     tied ones stored once): dequantized for ``dense``, the ``Q4Dense`` layout for ``packed``. Returns the
@@ -43,11 +51,7 @@ def quantize_lm_head(model, state: dict[str, torch.Tensor], recipe, fmt: str) ->
     from compress.kernels.formats import Q4Dense
     from compress.quant.grid import QuantGrid
 
-    head = model.get_output_embeddings()
-    embedding = model.get_input_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    head_name, embedding_name = names[id(head)], names[id(embedding)]
-    tied = f"{head_name}.weight" not in state
+    head_name, embedding_name, tied = lm_head_names(model, state)
     key = f"{embedding_name}.weight" if tied else f"{head_name}.weight"
     W = state[key]
     grid = QuantGrid.fit(W.float(), recipe.quant, scale_dtype=W.dtype)
