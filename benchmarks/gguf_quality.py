@@ -7,8 +7,9 @@ On SmolLM2-135M-Instruct (the embedded default; its dense weights are the source
   WikiText-2 valid.txt, seed 0); for the first, the fidelity references, converted to F32 by llama.cpp's
   converter: the GGUF's own weights saved dense (only llama.cpp's 8-bit activations then differ), and a
   second run of the recipe exported dense (fp32 scales), whose weights are also compared with the GGUF's;
-- each file through ``llama-perplexity -c 1024 --chunks 50`` on WikiText-2 test.txt and ``--chunks 30`` on a
-  held-out text no method here calibrates on (the long descriptions of the installed Python packages), and
+- each file through ``llama-perplexity -c 1024 --chunks 50`` on WikiText-2 test.txt and ``--chunks 30`` on two
+  held-out texts no method here calibrates on (the long descriptions of the installed Python packages; the
+  Python language reference of the running interpreter's ``pydoc_data``), and
   each compress file also through ``compress eval --ppl`` (compress's protocol: 50 windows of 1024).
 
 Every step's output is kept in ``--work`` and skipped when present, so an interrupted run continues; the JSON
@@ -35,6 +36,9 @@ import quality  # noqa: E402  (benchmarks/quality.py: the dense folder and calib
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 COMPRESS = [sys.executable, "-m", "compress.cli"]
+# llama-quantize stores SmolLM2's tied embedding as Q8_0 in its Q4_0 and Q8_0 files: so do ours, and only the
+# decoder's linears differ between the files compared
+GGUF_FLAGS = ["--format", "gguf", "--gguf-dtype", "q8_0"]
 # name -> compress prune flags (every one written with --format gguf)
 RECIPES = {
     "gptq-w4g32": ["--quant", "w4g32"],
@@ -107,6 +111,15 @@ def heldout_text(path: Path) -> Path:
     return path
 
 
+def python_reference_text(path: Path) -> Path:
+    """The Python language reference's topics (``pydoc_data.topics``: technical English with code)."""
+    if not path.is_file():
+        from pydoc_data.topics import topics
+
+        path.write_text("\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n", encoding="utf-8")
+    return path
+
+
 def run(cmd: list, log: Path, env: dict | None = None) -> float:
     start = time.perf_counter()
     with open(log, "w") as fh:
@@ -129,6 +142,24 @@ def compress_ppl(model: Path, text: Path, limit: int, log: Path) -> float:
     return json.loads(out.read_text())["ppl"]
 
 
+def autoround(command: Path, iters: int, work: Path, dense_dir: Path, calib_pt: Path, measure) -> None:
+    """AutoRound's calibrated Q4_0 (``--format gguf:q4_0``), tuned on the same 128 windows of 512 tokens."""
+    windows = work / "calib-windows.json"  # auto-round reads a JSON list of texts
+    if not windows.is_file():
+        import torch
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(dense_dir)
+        windows.write_text(json.dumps([tok.decode(row) for row in torch.load(calib_pt)]))
+    out = work / f"autoround-q4_0-iters{iters}"
+    seconds = None
+    if not any(out.rglob("*.gguf")):
+        seconds = run([command, "--model", dense_dir, "--format", "gguf:q4_0", "--iters", iters, "--nsamples", 128,
+                       "--seqlen", 512, "--dataset", windows, "--device", "cpu", "--output_dir", out],
+                      work / f"autoround-iters{iters}.log")
+    measure(f"AutoRound Q4_0 (iters {iters})", next(out.rglob("*.gguf")), ours=False, seconds=seconds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True)
@@ -136,12 +167,18 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="recipes of RECIPES to run (default: all)")
     ap.add_argument("--dense-run", action="store_true", help="also run the first recipe exported dense (fp32 scales), "
                     "convert and measure it, and compare its weights with the GGUF's")
+    ap.add_argument("--llama-only", action="store_true", help="measure every file with llama-perplexity only "
+                    "(skip compress eval)")
+    ap.add_argument("--autoround", type=Path, help="the auto-round command of a venv with auto-round installed: "
+                    "its --format gguf:q4_0 file on the same model and calibration windows joins the table")
+    ap.add_argument("--autoround-iters", type=int, default=200, help="auto-round's tuning steps per block (its default 200)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(subprocess.check_output(["bash", str(ROOT / "scripts" / "llama-cpp.sh")], text=True).strip())
     source, dense_dir, calib_pt = quality.prepare(work, DATA, 128, 512)
-    texts = {"wikitext2-test": (DATA / "test.txt", 50), "heldout": (heldout_text(work / "heldout.txt"), 30)}
+    texts = {"wikitext2-test": (DATA / "test.txt", 50), "heldout": (heldout_text(work / "heldout.txt"), 30),
+             "python-reference": (python_reference_text(work / "python-reference.txt"), 30)}
     cpu = subprocess.check_output(["lscpu"], text=True)
     results = {"cpu": re.search(r"Model name:\s*(.*)", cpu)[1] + (" (AVX-512)" if "avx512f" in cpu else " (AVX2)"), "files": {},
                "texts": {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, (p, _) in texts.items()}}
@@ -156,7 +193,7 @@ def main() -> None:
         for key, (text, chunks) in texts.items():
             entry[f"llama_ppl_{key}"] = llama_ppl(bin_dir, gguf, text, chunks, work / f"{name}.{key}.llama.log")
             save()
-        if ours:
+        if ours and not args.llama_only:
             for key, (text, chunks) in texts.items():
                 entry[f"compress_ppl_{key}"] = compress_ppl(gguf, text, chunks, work / f"{name}.{key}.compress.log")
                 save()
@@ -188,6 +225,8 @@ def main() -> None:
     if not path.is_file():
         run([bin_dir / "llama-quantize", "--imatrix", imatrix, f32, path, "Q4_0"], work / "quantize-imatrix.log")
     measure("llama.cpp Q4_0 + imatrix", path, ours=False)
+    if args.autoround:
+        autoround(args.autoround, args.autoround_iters, work, dense_dir, calib_pt, measure)
 
     calib = ["--calib", DATA / "valid.txt", "--nsamples", 128, "--seqlen", 512]
     for name, flags in RECIPES.items():
@@ -195,7 +234,7 @@ def main() -> None:
             continue
         path, seconds = work / f"compress-{name}.gguf", None
         if not path.is_file():
-            seconds = run([*COMPRESS, "prune", source, *flags, *calib, "--format", "gguf", "--out", path],
+            seconds = run([*COMPRESS, "prune", source, *flags, *calib, *GGUF_FLAGS, "--out", path],
                           work / f"prune-{name}.log")
         measure(f"compress {name}", path, ours=True, seconds=seconds)
         if name == "gptq-w4g32":  # fidelity: the same weights in F32 through llama.cpp's converter

@@ -77,7 +77,13 @@ def prune(
                                                  "by decreasing input energy (scales stay the static groups').")] = True,
     quant_scale: Annotated[str, typer.Option(help="Group scales: minmax (each group's extremes on the grid's "
                                              "edges) | search (least rounding error weighted by the inputs' mean "
-                                             "squares, from the full signed range down; the default).")] = "search",
+                                             "squares, all 2^b codes used, as llama.cpp's imatrix quantizers; the "
+                                             "default).")] = "search",
+    quant_hessian_shrink: Annotated[float, typer.Option(help="GPTQ: weight of the calibration inputs' correlations "
+                                                        "in its Hessian, (1-a)H + a·diag(H): 0 plain GPTQ (fits the "
+                                                        "calibration text closest), 1 no error feedback; 0.5 "
+                                                        "generalized best to other text (RESULTS.md). The joint pass "
+                                                        "with --method sparsegpt keeps the plain Hessian.")] = 0.5,
     act_sparsity: Annotated[Optional[float], typer.Option(help="Activation sparsity: target fraction of zeroed inputs "
                                                           "per targeted linear (thresholds calibrated, applied by "
                                                           "compress.load and compress eval).")] = None,

@@ -191,6 +191,10 @@ class QuantConfig:
         dampening, blocksize: GPTQ's, as SparseGPT's.
         scale: ``minmax`` (each group's extremes on the grid's edges) or ``search`` (the scale of least
             rounding error weighted by the inputs' mean squares; ``quant.grid``).
+        hessian_shrink: GPTQ's Hessian is ``(1 - a) H + a diag(H)``: the calibration text's input
+            correlations, which transfer least to other text, count ``1 - a``; each input's energy stays whole.
+            0: plain GPTQ; 1: no error feedback (importance-weighted round to nearest). GPTQ alone or after
+            pruning; the joint SparseGPT pass keeps the plain Hessian.
     """
 
     bits: int
@@ -201,6 +205,7 @@ class QuantConfig:
     dampening: float = 0.01
     blocksize: int = 128
     scale: str = "search"
+    hessian_shrink: float = 0.5
 
     @classmethod
     def parse(cls, spec: str, **options) -> "QuantConfig":
@@ -225,6 +230,8 @@ class QuantConfig:
             raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
         if self.scale not in QUANT_SCALES:
             raise ValueError(f"--quant-scale {self.scale!r} is not one of {', '.join(QUANT_SCALES)}")
+        if not 0 <= self.hessian_shrink <= 1:
+            raise ValueError(f"--quant-hessian-shrink {self.hessian_shrink} is outside [0, 1]: 0.5 is the default")
 
     def __str__(self) -> str:
         group = f"g{self.group_size}" if self.group_size else " per-channel"
@@ -382,7 +389,8 @@ class Recipe:
         quant = data.get("quant")
         if quant is not None:
             _check_keys(QuantConfig, quant, "recipe.quant")
-            quant = QuantConfig(**{"scale": "minmax", **quant})  # recipes from before the scale search
+            # recipes from before the scale search and the Hessian's shrinkage
+            quant = QuantConfig(**{"scale": "minmax", "hessian_shrink": 0.0, **quant})
         act = data.get("act")
         if act is not None:
             _check_keys(ActConfig, act, "recipe.act")

@@ -20,7 +20,7 @@ DEFAULTS = {  # what compress prune takes when neither a flag nor a recipe file 
     "allocation": "uniform", "block_sparsity": (), "owl_m": 5.0, "owl_lambda": 0.08, "refine": None,
     "refine_cycles": 50, "refine_var_power": 1.0,
     "quant": None, "quant_sym": True, "quant_method": "gptq", "quant_actorder": True, "quant_scale": "search",
-    "quant_lm_head": False,
+    "quant_hessian_shrink": 0.5, "quant_lm_head": False,
     "act_sparsity": None, "act_method": "teal", "act_targets": (), "act_sparsity_file": None, "act_per_layer": {},
     "act_prefill": "sparse", "act_positions": "auto", "act_scale": "token",
     "calib": "wikitext2", "nsamples": 128, "seqlen": 2048, "seed": 0, "self_temperature": 1.0, "self_top_p": 0.95,
@@ -58,7 +58,7 @@ def from_flags(flags: dict) -> Recipe:
     if f["quant"] is not None:
         quant = QuantConfig.parse(f["quant"], symmetric=f["quant_sym"], method=f["quant_method"],
                                   actorder=f["quant_actorder"], dampening=f["dampening"], blocksize=f["blocksize"],
-                                  scale=f["quant_scale"])
+                                  scale=f["quant_scale"], hessian_shrink=f["quant_hessian_shrink"])
     act = None
     per_layer = read_per_layer(Path(f["act_sparsity_file"])) if f["act_sparsity_file"] else dict(f["act_per_layer"])
     if f["act_sparsity"] is not None or per_layer:
@@ -88,7 +88,8 @@ def to_flags(recipe: Recipe) -> dict:
                      refine_cycles=p.refine_cycles, refine_var_power=p.refine_var_power)
     if q is not None:
         flags.update(quant=f"w{q.bits}g{q.group_size}" if q.group_size else f"w{q.bits}", quant_sym=q.symmetric,
-                     quant_method=q.method, quant_actorder=q.actorder, quant_scale=q.scale)
+                     quant_method=q.method, quant_actorder=q.actorder, quant_scale=q.scale,
+                     quant_hessian_shrink=q.hessian_shrink)
         if p is None:
             flags.update(blocksize=q.blocksize, dampening=q.dampening)
     if a is not None:

@@ -109,6 +109,7 @@ def existing_out(tmp_path):
     (["--sparsity", "0.5", "--forward-precision", "half"], "--forward-precision 'half' is not one of auto, fp32, bf16"),
     (["--quant", "w4g0"], "write w4 for one scale per output channel"),
     (["--quant", "w4g1"], "a group holds at least 2 weights"),
+    (["--quant", "w4g32", "--quant-hessian-shrink", "1.5"], "--quant-hessian-shrink 1.5 is outside [0, 1]"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(extra, message, saved_model, calib_txt, tmp_path):
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ from compress.calibration.stats import Gram
 from compress.config import Pattern, PruneConfig, QuantConfig, Recipe
 from compress.kernels.formats import pack_int32, unpack_int32
 from compress.pruning import InputStats
-from compress.quant import gptq
+from compress.quant import gptq, rtn
 from compress.quant.grid import QuantGrid
 from compress.weights import compress_weight
 from tests.conftest import outlier_inputs
@@ -68,7 +68,7 @@ def test_round_to_nearest_is_within_half_a_step_and_keeps_zeros(bits, symmetric,
     # the symmetric grid's largest weight sits exactly half a step beyond the last code: allow fp32 rounding
     assert ((W_hat - W).abs() <= step / 2 + 1e-6 * W.abs().amax()).all()
     assert (W_hat[W == 0] == 0).all()
-    assert torch.equal(grid.round(W_hat), W_hat)  # grid points are fixed points
+    assert torch.equal(grid.decode(grid.encode(W_hat)), W_hat)  # every weight on the grid
 
 
 @pytest.mark.parametrize("spec,message", [("w9g64", "2..8"), ("w1", "2..8"), ("w4g1", "at least 2"),
@@ -83,9 +83,11 @@ def test_quant_spec_parses_bits_and_groups():
     assert QuantConfig.parse("W8").group_size == 0
 
 
-def _slow_gptq(W, H, grid, order, damp=0.01):
-    """OBQ: columns in ``order``, each rounded, its error spread through an explicitly eliminated H⁻¹, fp64."""
+def _slow_gptq(W, H, grid, order, damp=0.01, shrink=0.0):
+    """OBQ: columns in ``order``, each rounded, its error spread through an explicitly eliminated H⁻¹, fp64;
+    ``H``'s off-diagonal scaled by ``1 - shrink`` first."""
     W, H = W.double().clone(), H.double().clone()
+    H = (1 - shrink) * H + shrink * torch.diag(H.diagonal())
     H += damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
     for i in order:
@@ -97,15 +99,27 @@ def _slow_gptq(W, H, grid, order, damp=0.01):
     return W
 
 
-@pytest.mark.parametrize("actorder", [False, True])
-def test_gptq_matches_slow_obq_reference(actorder):
+@pytest.mark.parametrize("actorder,shrink", [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_gptq_matches_slow_obq_reference(actorder, shrink):
     W, _, stats = _layer(n_out=12, n_in=40, dtype=torch.float64)
-    cfg = QuantConfig(4, 8, actorder=actorder, blocksize=16)
+    cfg = QuantConfig(4, 8, actorder=actorder, blocksize=16, hessian_shrink=shrink)
     result, grid = gptq.quantize(W, stats, cfg)
     order = gptq.activation_order(stats.G.diagonal()).tolist() if actorder else list(range(40))
-    slow = _slow_gptq(W, stats.G, grid, order)
+    slow = _slow_gptq(W, stats.G, grid, order, shrink=shrink)
     torch.testing.assert_close(result.W, slow, rtol=1e-6, atol=1e-8)
-    assert torch.equal(grid.round(result.W.float()), result.W.float())  # every weight on the grid
+    assert torch.equal(grid.decode(grid.encode(result.W.float())), result.W.float())  # every weight on the grid
+
+
+def test_fully_shrunk_gptq_is_round_to_nearest_and_shrinkage_orders_the_calibration_error():
+    W, X, stats = _layer()
+    rtn_W, rtn_grid = rtn.quantize(W, stats, QuantConfig(4, 16, method="rtn"))
+    errors = []
+    for shrink in (0.0, 0.5, 1.0):
+        result, grid = gptq.quantize(W, stats, QuantConfig(4, 16, hessian_shrink=shrink))
+        errors.append(_error(W, result.W.float(), X))
+    assert torch.equal(grid.scale, rtn_grid.scale)
+    assert torch.equal(result.W.float(), rtn_W)  # a diagonal Hessian feeds no error forward
+    assert errors[0] < errors[1] < errors[2]  # on the calibration inputs themselves, plain GPTQ fits closest
 
 
 @pytest.mark.parametrize("spec", ["w4g16", "w3g32", "w4", "w8g16"])
@@ -166,8 +180,10 @@ def test_searched_scales_never_round_a_group_worse_than_min_max(bits, symmetric)
     minmax = QuantGrid.fit(W, QuantConfig(**cfg, scale="minmax"))
     search = QuantGrid.fit(W, QuantConfig(**cfg, scale="search"), importance=d)
 
-    def group_error(grid):  # (out, groups): sum_j d_j (w_j - round(w_j))^2
-        return (((grid.round(W) - W) ** 2 * d).reshape(48, 4, 32)).sum(-1)
+    e = d * torch.sqrt((W ** 2).mean(1, keepdim=True) + W ** 2)  # (out, in): the search's error weights
+
+    def group_error(grid):  # (out, groups): sum_j e_j (w_j - round(w_j))^2
+        return (((grid.round(W) - W) ** 2 * e).reshape(48, 4, 32)).sum(-1)
 
     assert (group_error(search) <= group_error(minmax) * (1 + 1e-6)).all()
     assert group_error(search).sum() < 0.95 * group_error(minmax).sum()  # and clearly better overall
@@ -176,9 +192,57 @@ def test_searched_scales_never_round_a_group_worse_than_min_max(bits, symmetric)
     assert codes.min() >= search.qmin and codes.max() <= search.qmax
 
 
-def test_a_searched_symmetric_grid_uses_the_negative_end_of_the_code_range():
-    W = torch.tensor([[-1.0, 0.5, 0.25, -0.125] * 8])  # (1, 32): the extreme is negative
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_searched_symmetric_grid_puts_the_extreme_on_the_far_code_whatever_its_sign(sign):
+    W = sign * torch.tensor([[-1.0, 0.5, 0.25, -0.125] * 8])  # (1, 32): the extreme is -sign
     search = QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="search"))
-    assert float(search.scale[0, 0]) == pytest.approx(1 / 8)  # -1.0 on code -8: every weight exact
+    assert float(search.scale[0, 0]) == pytest.approx(sign / 8)  # the extreme on code -8: every weight exact
+    assert search.encode(W).min() == -8
     minmax = QuantGrid.fit(W, QuantConfig(bits=4, group_size=32, scale="minmax"))
     assert torch.equal(search.round(W), W) and not torch.equal(minmax.round(W), W)
+
+
+def _slow_signed_search(w, e, bits, scale_dtype):
+    """One group ``w`` ``(g,)``, error weights ``e``, plain Python: the min-max grid, then each candidate step
+    (the extreme on code ``-(2^(b-1) + k 2^(b-1)/80)``, ``|k| <= 9``), its codes, their weighted least-squares scale; the
+    least error wins, earlier candidates on ties. Returns ``(scale, round_scale)``."""
+    edge, qmin, qmax = 2 ** (bits - 1), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w, e = w.double().tolist(), e.double().tolist()
+    fp = lambda x: float(torch.tensor(x, dtype=torch.float32).to(scale_dtype).float())  # noqa: E731
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    amax = max(abs(x) for x in w)
+    extreme = max(w, key=abs)
+    codes = lambda step: [min(max(round(f32(x / step)), qmin), qmax) for x in w]  # noqa: E731
+    error = lambda s, q: sum(ej * (x - qj * s) ** 2 for x, qj, ej in zip(w, q, e))  # noqa: E731
+    best = fp(amax / ((2 ** bits - 1) / 2))
+    best = (best, best, error(best, codes(best)))
+    for k in range(-9, 10):
+        step = f32(-extreme / f32(edge + k * (edge / 80)))
+        q = codes(step)
+        den = sum(ej * qj * qj for qj, ej in zip(q, e))
+        scale = fp(sum(ej * x * qj for x, qj, ej in zip(w, q, e)) / den) if den > 0 else step
+        err = error(scale, q)
+        if err < best[2] * (1 - 1e-9):
+            best = (scale, step, err)
+    return best[:2]
+
+
+@pytest.mark.parametrize("bits,scale_dtype", [(4, torch.float16), (4, torch.float32), (8, torch.float16)])
+def test_signed_search_matches_a_slow_reference(bits, scale_dtype):
+    from tests.conftest import outlier_inputs
+
+    d = (outlier_inputs(256, 64, seed=5) ** 2).mean(0)  # (in,)
+    W = torch.randn(6, 64, generator=torch.Generator().manual_seed(6)) * 0.05
+    W[0, :32] = 0  # an all-zero group
+    grid = QuantGrid.fit(W, QuantConfig(bits=bits, group_size=32, scale="search"), scale_dtype, importance=d)
+    sigma2 = (W ** 2).mean(1, keepdim=True)  # (out, 1)
+    e = d * torch.sqrt(sigma2 + W ** 2)  # (out, in): llama.cpp's error weights
+    for row in range(6):
+        for g in range(2):
+            cols = slice(32 * g, 32 * g + 32)
+            if not W[row, cols].any():
+                assert float(grid.encode(W)[row, cols].abs().sum()) == 0
+                continue
+            scale, step = _slow_signed_search(W[row, cols], e[row, cols], bits, scale_dtype)
+            assert float(grid.scale[row, g]) == pytest.approx(scale, rel=1e-5), (row, g)
+            assert float(grid.round_scale[row, g]) == pytest.approx(step, rel=1e-5), (row, g)

@@ -21,7 +21,7 @@ EVERY_FIELD = [  # together, every field of every config away from its default
                              owl_m=4.0, owl_lambda=0.05, block_sparsity=(0.5, 0.6), refine="dsnot", refine_cycles=7,
                              refine_var_power=0.5),
            quant=QuantConfig(bits=3, group_size=32, symmetric=False, method="rtn", actorder=False, dampening=0.02,
-                             blocksize=64, scale="minmax"),
+                             blocksize=64, scale="minmax", hessian_shrink=0.25),
            ignore=("lm_head", r"mlp\.down"), calib=CalibConfig("calib.txt", 16, 64, 3, 0.9, 0.8),
            act=ActConfig(0.3, method="wina", targets=("mlp",), per_layer={"model.layers.0.mlp.up_proj": 0.2},
                          prefill="dense", positions="64,256", scale="none"),

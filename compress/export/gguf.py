@@ -170,7 +170,7 @@ def head_state(model, state: dict[str, torch.Tensor], recipe, names: TensorNames
         module = embedding_name if tied else head_name
         W = state[f"{module}.weight"].float()
         grid = QuantGrid.fit(W, recipe.quant, SCALE_DTYPE)
-        quantized[module] = QuantizedWeight(grid.encode(W), grid)
+        quantized[module] = QuantizedWeight(grid.quantize(W), grid)
     return block_state(state, quantized, names)
 
 

@@ -55,7 +55,7 @@ def quantize_lm_head(model, state: dict[str, torch.Tensor], recipe, fmt: str) ->
     key = f"{embedding_name}.weight" if tied else f"{head_name}.weight"
     W = state[key]
     grid = QuantGrid.fit(W.float(), recipe.quant, scale_dtype=W.dtype)
-    codes = grid.encode(W.float())
+    codes = grid.quantize(W.float())
     if fmt != "packed":
         state[key] = grid.decode(codes).to(W.dtype)
         return None

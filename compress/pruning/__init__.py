@@ -49,13 +49,14 @@ class InputStats:
     mean: torch.Tensor | None = None
     _hinv: dict = field(default_factory=dict, repr=False)
 
-    def hessian_inverse_factor(self, dampening: float, perm: torch.Tensor | None = None) -> HessianFactor:
-        """The factor for ``dampening`` and column order ``perm``, computed once and shared by every reader
-        of this input (q/k/v, gate/up)."""
-        key = (dampening, None if perm is None else tuple(perm.tolist()))
+    def hessian_inverse_factor(self, dampening: float, perm: torch.Tensor | None = None,
+                               shrink: float = 0.0) -> HessianFactor:
+        """The factor for ``dampening``, column order ``perm`` and off-diagonal ``shrink``, computed once and
+        shared by every reader of this input (q/k/v, gate/up)."""
+        key = (dampening, None if perm is None else tuple(perm.tolist()), shrink)
         if key not in self._hinv:
             G = self.G if perm is None else self.G[perm][:, perm]
-            Hinv, dead = sparsegpt.inverse_hessian_factor(G, dampening)
+            Hinv, dead = sparsegpt.inverse_hessian_factor(G, dampening, shrink=shrink)
             dead_original = dead if perm is None else dead[torch.argsort(perm)]
             self._hinv[key] = HessianFactor(Hinv, dead, dead_original, perm)
         return self._hinv[key]

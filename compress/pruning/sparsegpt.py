@@ -37,8 +37,10 @@ class Result:
     mask: torch.Tensor  # (out, in) bool, True where kept
 
 
-def inverse_hessian_factor(H: torch.Tensor, dampening: float, retries: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dampen ``H`` and return ``(upper Cholesky factor of H⁻¹, dead)``, ``dead`` the zero-input columns.
+def inverse_hessian_factor(H: torch.Tensor, dampening: float, retries: int = 5,
+                           shrink: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dampen ``H`` (after scaling its off-diagonal by ``1 - shrink``) and return ``(upper Cholesky factor of
+    H⁻¹, dead)``, ``dead`` the zero-input columns.
 
     The Cholesky is retried with ten times the dampening each time it fails (H is only PSD). Dampening is
     added to the diagonal of one working copy, and each intermediate is dropped as soon as the next exists:
@@ -46,6 +48,10 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float, retries: int = 5) 
     an 8640-wide input).
     """
     work = H.clone()
+    if shrink:  # (1 - shrink) H + shrink diag(H)
+        diagonal = work.diagonal().clone()
+        work.mul_(1 - shrink).diagonal().copy_(diagonal)
+        del diagonal
     dead = work.diagonal() == 0  # (in,) inputs never active: their weights can go for free
     work[dead, dead] = 1
     diagonal = work.diagonal().clone()

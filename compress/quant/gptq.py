@@ -10,6 +10,14 @@ Static groups: the grid is fitted once, up front, on the layer's weights. Act-or
 decreasing Hessian diagonal (the most active inputs first, while the most columns remain to absorb their
 error) without changing which scale a weight uses, so the stored layout is the plain grouped one. Columns
 are reordered in whole units (the N:M group or the pruning group), so structured masks stay aligned.
+
+Shrinkage (``QuantConfig.hessian_shrink``, 0.5 by default): the Hessian is ``(1 - a) H + a diag(H)``. Each
+input's energy (the diagonal) is a property of the model and carries over to other text; the correlations
+between inputs are partly the calibration text's, and plain GPTQ (``a = 0``) spends the error feedback on
+fitting them. On SmolLM2-135M with WikiText-2 calibration, ``a = 0.5`` lowered llama-perplexity on WikiText-2
+and on two texts of other kinds alike, where plain GPTQ lost to importance-weighted rounding (``a = 1``) off
+WikiText (benchmarks/RESULTS.md, issue 24). The joint pass with SparseGPT keeps the plain Hessian: a pruned
+weight's error is far larger than a rounding error, and compensating it needs the correlations.
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ def quantize(
     W = W.detach().to(stats.G.dtype, copy=True)  # (out, in), in the Hessian's precision
     unit = pattern.unit if pattern is not None else 1
     perm = activation_order(stats.G.diagonal(), unit) if cfg.actorder else None
-    factor = stats.hessian_inverse_factor(cfg.dampening if dampening is None else dampening, perm)
+    shrink = cfg.hessian_shrink if pattern is None else 0.0  # pruning's error needs the whole Hessian
+    factor = stats.hessian_inverse_factor(cfg.dampening if dampening is None else dampening, perm, shrink)
     W[:, factor.dead_original] = 0
     grid = QuantGrid.fit(W if keep is None else W * keep, cfg, scale_dtype, importance=stats.G.diagonal())
     if perm is not None:

@@ -13,4 +13,4 @@ def quantize(W: torch.Tensor, stats, cfg: QuantConfig, *, keep: torch.Tensor | N
     """``W`` ``(out, in)`` on the grid fitted to it (a searched scale weighs the error by ``stats``' input mean
     squares), and the grid; ``keep`` is not needed (a pruned weight is 0, and 0 is on every grid)."""
     grid = QuantGrid.fit(W, cfg, scale_dtype, importance=stats.G.diagonal() if stats is not None else None)
-    return grid.decode(grid.encode(W)), grid
+    return grid.round(W), grid
