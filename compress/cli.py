@@ -69,21 +69,15 @@ def prune(
                                                  "(default: the method's paper: magnitude matrix, wanda row, sparsegpt block).")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Quantize weights: wBgG (B bits 2..8, groups of G inputs, e.g. "
                                                  "w4g128) or wB (one scale per output channel).")] = None,
-    quant_sym: Annotated[bool, typer.Option("--quant-sym/--quant-asym", help="Symmetric grid (zero point 0) or "
-                                            "asymmetric (a zero point per group).")] = True,
+    quant_sym: Annotated[bool, typer.Option("--quant-sym/--quant-asym", help="Symmetric grid or a zero point per group.")] = True,
     quant_method: Annotated[str, typer.Option(help="rtn (round to nearest) | gptq (error-compensating, uses the "
                                               "calibration Hessian; joint with --method sparsegpt).")] = "gptq",
     quant_actorder: Annotated[bool, typer.Option("--quant-actorder/--no-quant-actorder", help="GPTQ: visit columns "
                                                  "by decreasing input energy (scales stay the static groups').")] = True,
-    quant_scale: Annotated[str, typer.Option(help="Group scales: minmax (each group's extremes on the grid's "
-                                             "edges) | search (least rounding error weighted by the inputs' mean "
-                                             "squares, all 2^b codes used, as llama.cpp's imatrix quantizers; the "
-                                             "default).")] = "search",
-    quant_hessian_shrink: Annotated[float, typer.Option(help="GPTQ: weight of the calibration inputs' correlations "
-                                                        "in its Hessian, (1-a)H + a·diag(H): 0 plain GPTQ (fits the "
-                                                        "calibration text closest), 1 no error feedback; 0.5 "
-                                                        "generalized best to other text (RESULTS.md). The joint pass "
-                                                        "with --method sparsegpt keeps the plain Hessian.")] = 0.5,
+    quant_scale: Annotated[str, typer.Option(help="Group scales: minmax (extremes on the grid's edges) | search (llama.cpp's "
+                                             "imatrix search: least error weighted by input mean squares).")] = "search",
+    quant_hessian_shrink: Annotated[float, typer.Option(help="GPTQ's Hessian (1-a)H + a·diag(H): 0 plain GPTQ, 1 no error "
+                                                        "feedback, 0.5 best off the calibration text (RESULTS.md).")] = 0.5,
     act_sparsity: Annotated[Optional[float], typer.Option(help="Activation sparsity: target fraction of zeroed inputs "
                                                           "per targeted linear (thresholds calibrated, applied by "
                                                           "compress.load and compress eval).")] = None,

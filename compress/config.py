@@ -182,19 +182,13 @@ class QuantConfig:
     """Integer weight quantization with one scale (and zero point) per ``group_size`` input weights of a row.
 
     Attributes:
-        bits: 2..8.
-        group_size: input weights sharing a scale; 0 means one per output channel (``--quant w4``).
+        bits: 2..8. group_size: input weights sharing a scale; 0: one per output channel (``--quant w4``).
         symmetric: zero point fixed at 0 (codes in ``[-2^(b-1), 2^(b-1) - 1]``); else a per-group zero point.
         method: ``rtn`` (round to nearest) or ``gptq`` (OBS error compensation with the shared Hessian).
-        actorder: GPTQ visits columns by decreasing Hessian diagonal; scales stay those of the static
-            groups (computed up front), so the stored layout is unchanged.
+        actorder: GPTQ visits columns by decreasing Hessian diagonal (static groups: the layout is unchanged).
         dampening, blocksize: GPTQ's, as SparseGPT's.
-        scale: ``minmax`` (each group's extremes on the grid's edges) or ``search`` (the scale of least
-            rounding error weighted by the inputs' mean squares; ``quant.grid``).
-        hessian_shrink: GPTQ's Hessian is ``(1 - a) H + a diag(H)``: the calibration text's input
-            correlations, which transfer least to other text, count ``1 - a``; each input's energy stays whole.
-            0: plain GPTQ; 1: no error feedback (importance-weighted round to nearest). GPTQ alone or after
-            pruning; the joint SparseGPT pass keeps the plain Hessian.
+        scale: ``minmax`` (each group's extremes on the grid's edges) or ``search`` (``quant.grid``).
+        hessian_shrink: GPTQ's Hessian is ``(1 - a) H + a diag(H)`` (``quant.gptq``); 0: plain GPTQ.
     """
 
     bits: int
@@ -224,7 +218,6 @@ class QuantConfig:
         if self.group_size < 0 or self.group_size == 1:
             raise ValueError(f"--quant group size {self.group_size} must be at least 2 (or omitted for per-channel)")
         from compress import quant  # the registry (imported here: it imports this module)
-
         quant.get(self.method)
         if not 0 <= self.dampening < 1:
             raise ValueError(f"--dampening {self.dampening} is outside [0, 1): 0.01 is the usual value")
@@ -389,8 +382,7 @@ class Recipe:
         quant = data.get("quant")
         if quant is not None:
             _check_keys(QuantConfig, quant, "recipe.quant")
-            # recipes from before the scale search and the Hessian's shrinkage
-            quant = QuantConfig(**{"scale": "minmax", "hessian_shrink": 0.0, **quant})
+            quant = QuantConfig(**{"scale": "minmax", "hessian_shrink": 0.0, **quant})  # recipes from before both
         act = data.get("act")
         if act is not None:
             _check_keys(ActConfig, act, "recipe.act")
