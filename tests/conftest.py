@@ -30,8 +30,10 @@ def _text_sample() -> str:
     valid = WIKITEXT / "valid.txt"
     if valid.is_file():
         return valid.read_text(encoding="utf-8")[:200_000]
-    words = "the of and in to a was is for on as by with that from his at an it were which".split()
+    # without the shared data (a clone elsewhere): 400 random "words", enough for the tokenizer to reach VOCAB ids
     gen = torch.Generator().manual_seed(0)
+    letters = torch.randint(0, 26, (400, 6), generator=gen).tolist()
+    words = ["".join(chr(97 + c) for c in row[: 2 + i % 5]) for i, row in enumerate(letters)]
     return " ".join(words[i] for i in torch.randint(0, len(words), (40_000,), generator=gen).tolist())
 
 
