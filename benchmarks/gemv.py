@@ -5,7 +5,8 @@ warm-up) of fp32 and bf16 ``F.linear``, torch's int4 CPU kernel (``_weight_int4p
 its fast path; its fp32-input path is reported too), our dense W4 (group 128, symmetric), our 2:4 + W4, and
 our input-major activation-sparse product at 50% zero inputs (fp32 and bf16) next to the dense product of the
 same dtype, and our input-major W4 (the layout of packed linears with activation thresholds) at 0% and 50% zero
-inputs next to our row-major W4. Also the weight bytes each reads, the GB/s that makes, and the machine's read and copy
+inputs next to our row-major W4; and at group 32 (issue 25): our W4 with int8 inputs (integer dot products)
+and with fp32 inputs, and our 2:4 + W4. Also the weight bytes each reads, the GB/s that makes, and the machine's read and copy
 bandwidth measured the same way. All variants of one shape run interleaved, round-robin, so a slower period of
 a shared machine hits them alike.
 
@@ -50,6 +51,9 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
     x = torch.randn(1, n_in, generator=gen)
     xb = x.bfloat16()
     x50 = x * (torch.rand(1, n_in, generator=gen) < 0.5)
+    scale32 = torch.rand(out, n_in // 32, generator=gen) / 8
+    q4_32 = Q4Dense.pack(codes, scale32, None, 32)
+    s24_32 = Q4Sparse24.pack(runs.reshape(out, n_in), scale32, None, 32)
     int4_bytes = packed.numel() + scale_zero.numel() * 2
     return {
         "fp32 F.linear": (lambda: F.linear(x, W), W.numel() * 4),
@@ -61,6 +65,10 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
         "ours W4 g128 input-major": (lambda: k.q4_input_major_mm(x, im.data, im.scale, im.zero, out, GROUP), im.nbytes),
         "ours W4 g128 input-major act 50%": (lambda: k.q4_input_major_mm(x50, im.data, im.scale, im.zero, out, GROUP),
                                              im.nbytes // 2),
+        "ours W4 g32 int8 x": (lambda: k.q4_dense_i8_mm(x, q4_32.data, q4_32.scale, q4_32.zero, out, 32), q4_32.nbytes),
+        "ours W4 g32 fp32 x": (lambda: k.q4_dense_mm(x, q4_32.data, q4_32.scale, q4_32.zero, out, 32), q4_32.nbytes),
+        "ours 2:4 + W4 g32 fp32 x": (lambda: k.q4_sparse24_mm(x, s24_32.data, s24_32.pos, s24_32.scale, s24_32.zero, out, 32),
+                                     s24_32.nbytes),
         "ours act-sparse 50% fp32": (lambda: k.act_sparse_mm(x50, WT), W.numel() * 2),
         "ours act-sparse 50% bf16": (lambda: k.act_sparse_mm(x50, WTb), W.numel()),
     }
@@ -86,7 +94,8 @@ def run(shapes, threads, repeats: int) -> dict:
     if ops() is None:
         raise SystemExit("compress's kernels could not be built here (see the warning above)")
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                           "isa": ["portable", "avx2", "avx512"][int(ops().isa())]}, "runs": []}
+                           "isa": ["portable", "avx2", "avx512"][int(ops().isa())],
+                           "int8_isa": ["portable", "avx2", "avx512-vnni"][int(ops().int8_isa())]}, "runs": []}
     gen = torch.Generator().manual_seed(0)
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -113,6 +122,9 @@ def run(shapes, threads, repeats: int) -> dict:
                 "act50 bf16 vs bf16 F.linear": v["bf16 F.linear"]["ms"] / v["ours act-sparse 50% bf16"]["ms"],
                 "W4 input-major act50 vs W4": v["ours W4 g128"]["ms"] / v["ours W4 g128 input-major act 50%"]["ms"],
                 "W4 input-major vs W4 (no zeros)": v["ours W4 g128"]["ms"] / v["ours W4 g128 input-major"]["ms"],
+                "W4 g32 int8 x: share of read bandwidth": v["ours W4 g32 int8 x"]["GBps"] / bw["read_GBps"],
+                "W4 g32 int8 x vs fp32 x": v["ours W4 g32 fp32 x"]["ms"] / v["ours W4 g32 int8 x"]["ms"],
+                "2:4+W4 g32 fp32 x vs W4 g32 int8 x": v["ours W4 g32 int8 x"]["ms"] / v["ours 2:4 + W4 g32 fp32 x"]["ms"],
             }
             results["runs"].append(row)
             print(f"{out}x{n_in}:", flush=True)

@@ -203,6 +203,7 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
 
     from compress.checkpoint import Checkpoint, materialize
     from compress.kernels.formats import PARTS, Q4Sparse24
+    from compress.kernels.fused import fuse_siblings
     from compress.kernels.linear import LAYOUTS, PackedEmbedding, PackedLinear
 
     folder = Path(folder)
@@ -240,6 +241,7 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing:
         raise ValueError(f"{str(folder)!r} does not hold {missing[0]} (and {len(missing) - 1} more): not a complete packed folder")
+    fuse_siblings(model)  # q|k|v and gate|up: one kernel call each
     model.eval()
     model.config.use_cache = True
     return model

@@ -101,6 +101,74 @@ def test_quantized_kernels_match_the_reference(isa, shape, symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(37, 256, 64), (50, 512, 128), (16, 96, 32), (70, 64, 64), (33, 1024 + 96, 32)])
+def test_integer_kernel_matches_its_reference(isa, shape, symmetric):
+    """int8 inputs per block of 32, integer dot products: the kernel equals x rounded the same way times W."""
+    out, n_in, group = shape
+    gen = torch.Generator().manual_seed(4)
+    codes, grid, W = _quantized(*shape, symmetric)
+    dense = Q4Dense.pack(codes, grid.scale, grid.zero, group)
+    for batch in (1, 2, 3, 4, 7, 16):
+        x = torch.randn(batch, n_in, generator=gen) * torch.rand(batch, n_in // 32, 1, generator=gen).mul(9).exp().repeat(
+            1, 1, 32).reshape(batch, n_in)  # block magnitudes over four orders
+        x[0, :32] = 0  # a block of zeros: scale 0
+        x[-1, 5] = 1e4  # an outlier: the rest of its block rounds to few levels
+        y = isa.q4_dense_i8_mm(x, dense.data, dense.scale, dense.zero, out, group)
+        _close(y, reference.q4_dense_i8_mm(x, dense))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(37, 256, 64), (16, 96, 32), (70, 64, 64), (33, 1024 + 96, 32)])
+def test_sparse_integer_kernel_matches_its_reference(isa, shape, symmetric):
+    """2:4 on int8 inputs: each kept code meets the input at its own position (gathered per row)."""
+    out, n_in, group = shape
+    gen = torch.Generator().manual_seed(8)
+    codes, grid, W = _quantized(*shape, symmetric, sparse24=True)
+    sparse = Q4Sparse24.pack(codes, grid.scale, grid.zero, group)
+    for batch in (1, 2, 3, 4, 7, 16):
+        x = torch.randn(batch, n_in, generator=gen) * torch.rand(batch, n_in, generator=gen).mul(4).exp()
+        x[0, 32:64] = 0
+        y = isa.q4_sparse24_i8_mm(x, sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group)
+        _close(y, reference.q4_sparse24_i8_mm(x, sparse))
+
+
+def test_integer_kernel_rounds_the_input_exactly_as_the_reference(isa):
+    """Codes 1 on the diagonal, 0 elsewhere, scales 1: each output is one rounded input, so any difference in
+    the per-block int8 rounding (scale, ties, clamping) shows as an exact mismatch."""
+    n = 96
+    codes = torch.eye(n, dtype=torch.int8)
+    dense = Q4Dense.pack(codes, torch.ones(n, n // 32), None, 32)
+    x = torch.randn(16, n, generator=torch.Generator().manual_seed(5)) * 3
+    x[1, :32] = 0
+    x[2, 40] = -50.0
+    y = isa.q4_dense_i8_mm(x, dense.data, dense.scale, None, n, 32)
+    assert torch.equal(y, reference.int8_rows(x))
+    assert not torch.equal(y, x) and float((y - x).abs().max()) <= float(x.abs().max()) / 127 / 2 * 1.0001
+
+
+def test_act_precision_chooses_the_gemv_path():
+    kernels, _ = _isa_levels()
+    codes, grid, W = _quantized(64, 256, 32, True)
+    packed = Q4Dense.pack(codes, grid.scale, grid.zero, 32)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(6))
+    big = torch.randn(2, 20, 256, generator=torch.Generator().manual_seed(7))  # prefill: BLAS on the rounded input
+    assert kops.act_precision() == "int8"
+    _close(kops.q4_dense_mm(x, packed), reference.q4_dense_i8_mm(x, packed))
+    _close(kops.q4_dense_mm(big, packed), reference.int8_rows(big.reshape(40, 256)).reshape(big.shape) @ W.t())
+    try:
+        kops.set_act_precision("fp32")
+        _close(kops.q4_dense_mm(x, packed), x @ W.t())
+        _close(kops.q4_dense_mm(big, packed), big @ W.t())
+    finally:
+        kops.set_act_precision("int8")
+    with pytest.raises(ValueError, match="'int4': use one of int8, fp32"):
+        kops.set_act_precision("int4")
+    codes16, grid16, W16 = _quantized(64, 256, 16, True)
+    g16 = Q4Dense.pack(codes16, grid16.scale, None, 16)
+    _close(kops.q4_dense_mm(x, g16), x @ W16.t())  # groups of 16: no integer kernel, fp32 input
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_compiled_dequantization_is_exactly_the_layouts_unpack(shape, symmetric):
     kernels, _ = _isa_levels()
@@ -113,8 +181,10 @@ def test_compiled_dequantization_is_exactly_the_layouts_unpack(shape, symmetric)
     unpacked = kernels.q4_unpack(sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group)
     assert torch.equal(unpacked, sparse.unpack())
     x = torch.randn(3, 40, n_in)  # prefill-sized: the wrappers dequantize and call the BLAS
-    _close(kops.q4_dense_mm(x, dense), x @ W.t())
-    _close(kops.q4_sparse24_mm(x, sparse), x @ W24.t())
+    rounded = reference.int8_rows(x.reshape(-1, n_in)).reshape(x.shape) if group % 32 == 0 else x  # as the GEMV
+    _close(kops.q4_dense_mm(x, dense), rounded @ W.t())
+    rounded = rounded if int(kernels.int8_isa()) == 2 else x  # 2:4 takes int8 inputs with AVX-512 VNNI only
+    _close(kops.q4_sparse24_mm(x, sparse), rounded @ W24.t())
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -155,7 +225,11 @@ def test_wrappers_fall_back_to_the_reference_without_kernels(monkeypatch):
     codes, grid, W = _quantized(37, 128, 32, True)
     packed = Q4Dense.pack(codes, grid.scale, grid.zero, 32)
     x = torch.randn(2, 3, 128)  # any leading shape
-    with_kernels = kops.q4_dense_mm(x, packed)
+    kops.set_act_precision("fp32")  # the reference multiplies fp32 inputs
+    try:
+        with_kernels = kops.q4_dense_mm(x, packed)
+    finally:
+        kops.set_act_precision("int8")
     monkeypatch.setattr(kops, "ops", lambda: None)
     without = kops.q4_dense_mm(x, packed)
     assert without.shape == (2, 3, 37)

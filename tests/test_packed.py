@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import compress
 from compress.cli import app
+from compress.kernels import ops as kops
 from compress.kernels.linear import PackedLinear
 
 runner = CliRunner()
@@ -19,6 +20,14 @@ def _prune(model_dir, out, calib, *extra):
                                "--seqlen", "32", "--device", "cpu", *extra])
 
 
+@pytest.fixture
+def fp32_inputs():
+    """The kernels multiply fp32 inputs (the reference path), not int8-rounded ones, for exact comparisons."""
+    kops.set_act_precision("fp32")
+    yield
+    kops.set_act_precision("int8")
+
+
 @pytest.mark.parametrize("recipe,layout", [
     (["--quant", "w4g16"], "Q4Dense"),
     (["--quant", "w4g16", "--quant-asym"], "Q4Dense"),
@@ -26,7 +35,8 @@ def _prune(model_dir, out, calib, *extra):
     # activation thresholds: the input-major layout, whose kernel skips the weights of zeroed inputs
     (["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32", "--act-sparsity", "0.5"], "Q4InputMajor"),
 ])
-def test_packed_folder_computes_what_the_dense_export_computes(recipe, layout, saved_model, calib_txt, tmp_path):
+def test_packed_folder_computes_what_the_dense_export_computes(recipe, layout, saved_model, calib_txt, tmp_path,
+                                                               fp32_inputs):
     model_dir = saved_model("llama")
     dense, packed = tmp_path / "dense", tmp_path / "packed"
     assert _prune(model_dir, dense, calib_txt, *recipe).exit_code == 0
@@ -50,6 +60,9 @@ def test_packed_folder_computes_what_the_dense_export_computes(recipe, layout, s
         torch.testing.assert_close(step, ref[:, :1], rtol=1e-4, atol=1e-4)
         greedy = model.generate(ids[:, :4], max_new_tokens=8, do_sample=False)
         assert torch.equal(greedy, reference.generate(ids[:, :4], max_new_tokens=8, do_sample=False))
+        kops.set_act_precision("int8")  # where the layout has an integer kernel: inputs rounded per block of 32
+        step = model(ids[:, :1]).logits
+        assert float((step - ref[:, :1]).abs().max()) < 0.02 * float(ref.abs().max())
 
 
 def test_info_and_eval_read_a_packed_folder(saved_model, calib_txt, tmp_path):
@@ -121,12 +134,20 @@ def test_quantized_lm_head_stays_tied_and_matches_the_dense_export(family, saved
     model.tie_weights()  # lm-eval's HFLM calls it: a no-op, the packed weights carry the tie
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(model(ids[:, :1]).logits, reference(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+        step = reference(ids[:, :1]).logits
+        int8 = model(ids[:, :1]).logits  # the decode step's lm_head (Q4Dense g32) on the integer kernel
+        kops.set_act_precision("fp32")
+        try:
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model(ids[:, :1]).logits, step, rtol=1e-4, atol=1e-4)
+        finally:
+            kops.set_act_precision("int8")
+        assert not torch.equal(int8, step) and float((int8 - step).abs().max()) < 0.02 * float(step.abs().max())
 
 
 @pytest.mark.parametrize("recipe", [
     ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"],
+    ["--quant", "w4g32"],  # Q4Dense g32: the integer kernel
     ["--quant", "w4g32", "--act-sparsity", "0.5", "--act-positions", "8,16"],  # input-major, sparsifier hooks, bands
 ])
 def test_compiled_decoding_gives_the_eager_tokens(recipe, saved_model, calib_txt, tmp_path):
@@ -150,3 +171,27 @@ def test_compiled_decoding_gives_the_eager_tokens(recipe, saved_model, calib_txt
     result = runner.invoke(app, ["generate", str(out), "the of and", "--max-new-tokens", "4", "--compile"])
     assert result.exit_code == 0, result.output
     assert "4 new tokens" in result.output
+
+
+@pytest.mark.parametrize("recipe", [["--quant", "w4g32"], ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"]])
+def test_siblings_reading_one_input_are_one_product(recipe, saved_model, calib_txt, tmp_path):
+    """q|k|v and gate|up are multiplied as one packed matrix: the members' buffers are views of one tensor, and
+    the logits (prefill and decode steps) are bit-identical to the members' own products."""
+    out = tmp_path / "packed"
+    assert _prune(saved_model("llama"), out, calib_txt, *recipe, "--format", "packed").exit_code == 0
+    model = compress.load(str(out))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert all(m._shared is not None for m in [*qkv, mlp.gate_proj, mlp.up_proj])
+    assert attn.o_proj._shared is None and mlp.down_proj._shared is None
+    storage = {m.packed_data.untyped_storage().data_ptr() for m in qkv}
+    assert len(storage) == 1 and qkv[1].packed_data.data_ptr() > qkv[0].packed_data.data_ptr()
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fused = [model(ids).logits, model(ids[:, :1]).logits]
+        greedy = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False)
+        for m in model.modules():
+            if isinstance(m, PackedLinear):
+                m._shared = None
+        assert torch.equal(fused[0], model(ids).logits) and torch.equal(fused[1], model(ids[:, :1]).logits)
+        assert torch.equal(greedy, model.generate(ids[:, :4], max_new_tokens=6, do_sample=False))

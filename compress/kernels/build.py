@@ -19,7 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "cpu" / "kernels.cpp"]
+SOURCES = [Path(__file__).parent / "cpu" / name for name in ("kernels.cpp", "int8_dot.cpp")]
+HEADERS = [Path(__file__).parent / "cpu" / "isa.h"]
 NAME = "compress_kernels"
 # -fopenmp: at::parallel_for's OpenMP pragma is compiled into the extension; without it the kernels run on one thread
 CFLAGS = ["-O3", "-fopenmp"]
@@ -30,7 +31,7 @@ def cache_dir() -> Path:
     import compress
 
     root = compress.cache_dir()
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(CFLAGS).encode()).hexdigest()[:12]
     return root / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -80,7 +81,7 @@ def _traceable(lib):
         def rows(x, *args):  # (batch, in) -> (batch, out); ``out`` is the second-to-last argument
             return x.new_empty(x.shape[0], args[-2])
 
-        for op in ("q4_dense_mm", "q4_sparse24_mm", "q4_input_major_mm"):
+        for op in ("q4_dense_mm", "q4_dense_i8_mm", "q4_sparse24_mm", "q4_sparse24_i8_mm", "q4_input_major_mm"):
             torch.library.register_fake(f"{NAME}::{op}")(rows)
         torch.library.register_fake(f"{NAME}::act_sparse_mm")(lambda x, wt: x.new_empty(x.shape[0], wt.shape[1]))
         torch.library.register_fake(f"{NAME}::q4_unpack")(

@@ -24,13 +24,18 @@ class PackedLinear(nn.Module):
             self.register_buffer(f"packed_{part}", getattr(weight, part))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._product = None  # ops.quantized_product of the buffers, bound on first use
+        self._shared = None  # (fused.SharedProduct, index): one product with the siblings reading the same input
+
+    def share(self, shared, index: int) -> None:
+        self._shared = (shared, index)
+        self._product = ops.quantized_product(self.weight_packed)  # compiled graphs call it (bound outside them)
 
     def _apply(self, fn, recurse=True):
-        self._product = None  # the buffers move or change: bind again
+        self._product = self._shared = None  # the buffers move or change: bind again, alone
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._product = None
+        self._product = self._shared = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
@@ -39,9 +44,12 @@ class PackedLinear(nn.Module):
                            shape=(self.out_features, self.in_features), group_size=self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._product is None:
-            self._product = ops.quantized_product(self.weight_packed)
-        y = self._product(x)
+        if self._shared is not None and not torch.compiler.is_compiling():  # compiled graphs take one product each
+            y = self._shared[0].output(x, self._shared[1])
+        else:
+            if self._product is None:
+                self._product = ops.quantized_product(self.weight_packed)
+            y = self._product(x)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y + self.bias if self.bias is not None else y

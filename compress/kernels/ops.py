@@ -1,10 +1,17 @@
 """Products with packed weights: the compiled GEMV kernels for batches of up to 16 rows (decode); above that
 (prefill) the compiled dequantization and one BLAS product; without a compiler, the pure-torch reference.
 
-``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``.
+``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``. The GEMV kernels of ``Q4Dense``
+weights with groups of 32·k (and of ``Q4Sparse24`` ones where the CPU has AVX-512 VNNI) round their input to
+int8 per block of 32 and take integer dot products (``act_precision`` ``int8``, the default), and prefill rounds
+its input the same way before the BLAS product, so a perplexity measures what decode computes; ``fp32`` keeps
+the input in fp32 (the reference the int8 path is measured against; also ``COMPRESS_ACT_PRECISION=fp32``).
+Without the compiled kernels (or off the CPU) inputs stay fp32.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -13,6 +20,20 @@ from compress.kernels.build import ops
 from compress.kernels.formats import Q4Dense, Q4InputMajor, Q4Sparse24
 
 MAX_KERNEL_BATCH = 16  # the C++ kernels' limit; above it a dequantized BLAS product is as fast
+ACT_PRECISIONS = ("int8", "fp32")
+_act = {"precision": os.environ.get("COMPRESS_ACT_PRECISION", "int8")}
+
+
+def set_act_precision(precision: str) -> None:
+    """``int8``: the GEMV kernels round their input to int8 per block of 32 (integer dot products, as
+    llama.cpp's Q8_0 activations); ``fp32``: they multiply the fp32 input (the reference path)."""
+    if precision not in ACT_PRECISIONS:
+        raise ValueError(f"act precision {precision!r}: use one of {', '.join(ACT_PRECISIONS)}")
+    _act["precision"] = precision
+
+
+def act_precision() -> str:
+    return _act["precision"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +64,11 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
     linear once per token, so what does not depend on ``x`` is not redone per call."""
     out, n_in = w.shape
     k = ops() if w.data.device.type == "cpu" else None
+    integer = None  # the int8-input GEMV, where the layout has one
     if isinstance(w, Q4Sparse24):
         k = k if w.group_size % 8 == 0 else None
         fallback, gemv = reference.q4_sparse24_mm, k and k.q4_sparse24_mm
+        integer = k and w.group_size % 32 == 0 and int(k.int8_isa()) == 2 and k.q4_sparse24_i8_mm  # VNNI only
         args = (w.data, w.pos, w.scale, w.zero, out, w.group_size)
         unpack = k and (lambda: k.q4_unpack(w.data, w.pos, w.scale, w.zero, out, w.group_size))
     elif isinstance(w, Q4InputMajor):
@@ -54,6 +77,7 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         unpack = k and (lambda: k.q4_input_major_unpack(w.data, w.scale, w.zero, out, w.group_size))
     else:
         fallback, gemv = reference.q4_dense_mm, k and k.q4_dense_mm
+        integer = k and w.group_size % 32 == 0 and k.q4_dense_i8_mm
         args = (w.data, w.scale, w.zero, out, w.group_size)
         unpack = k and (lambda: k.q4_unpack(w.data, None, w.scale, w.zero, out, w.group_size))
 
@@ -64,9 +88,9 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         if k is None or x2.device.type != "cpu":
             y = fallback(x2, w)
         elif x2.shape[0] <= MAX_KERNEL_BATCH:
-            y = gemv(x2, *args)
-        else:
-            y = x2 @ unpack().t()
+            y = (integer if integer and _act["precision"] == "int8" else gemv)(x2, *args)
+        else:  # prefill: one BLAS product, its input rounded as the integer kernel rounds it
+            y = (reference.int8_rows(x2) if integer and _act["precision"] == "int8" else x2) @ unpack().t()
         return y.reshape(*x.shape[:-1], out)
 
     return product

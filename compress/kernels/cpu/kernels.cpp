@@ -23,6 +23,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include "isa.h"
+
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
@@ -36,21 +38,9 @@ constexpr int64_t TILE = 16;
 constexpr int64_t MAX_BATCH = 16;
 constexpr int64_t PREFETCH = 4096;  // bytes ahead of the packed-weight stream the kernels prefetch
 
-enum class Isa { portable, avx2, avx512 };
-
-Isa detect() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
-#endif
-  return Isa::portable;
-}
-
-Isa& chosen() {
-  static Isa isa = detect();
-  return isa;
-}
+using compress_isa::Isa;
+using compress_isa::chosen;
+using compress_isa::detect;
 
 // Arguments shared by the quantized kernels; pointers into contiguous tensors.
 struct QArgs {

@@ -1,0 +1,143 @@
+"""Decode speed of compress's packed models against llama.cpp on the same dense weights (issue 25).
+
+SmolLM2-135M-Instruct (the embedded default; its dense weights are the source of every model): llama.cpp's
+converter writes an F32 GGUF of the dense folder and ``llama-quantize`` its Q4_0 (the embedding, tied to the
+output, in Q8_0 as llama.cpp chooses); compress prunes the same folder into packed folders (``RECIPES``,
+calibration 128 x 512 tokens of WikiText-2 valid.txt). Each round runs ``llama-bench -p 0 -n N -t T -r 1`` on the
+Q4_0 file, then each packed model's greedy decode of N tokens after a short prompt through ``compress.load``
+and transformers' generate (``bench.decode_speed``: prefill excluded), with int8 inputs to the integer kernels
+and with fp32 inputs, all at T threads. Figures are medians over ``--rounds`` interleaved rounds; ratios are
+ours / llama.cpp's tokens/s from the same rounds. ``--ppl`` adds each model's perplexity through ``compress eval``
+(50 windows of 1024 of WikiText-2 test; llama.cpp's file read by transformers' GGUF loader).
+
+    python benchmarks/decode_vs_llama.py --work /tmp/decode-work --json benchmarks/results/decode-vs-llama.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (benchmarks/quality.py: the dense folder and calibration tokens)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+COMPRESS = [sys.executable, "-m", "compress.cli"]
+RECIPES = {  # name -> compress prune flags, each written --format packed
+    "gptq-w4g32 + int4 lm_head": ["--quant", "w4g32", "--quant-lm-head"],
+    "sparsegpt-2:4 + gptq-w4g32 + int4 lm_head": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32",
+                                                  "--quant-lm-head"],
+}
+
+
+def run(cmd: list, log: Path, env: dict | None = None) -> str:
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
+    log.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({out.returncode}), see {log}")
+    return out.stdout
+
+
+def llama_bench(bin_dir: Path, gguf: Path, new_tokens: int, threads: int, log: Path) -> float:
+    """llama.cpp's decode tokens/s (``llama-bench -p 0 -n N``, one repetition)."""
+    out = run([bin_dir / "llama-bench", "-m", gguf, "-p", 0, "-n", new_tokens, "-t", threads, "-r", 1, "-o", "json"], log)
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def prepare_models(work: Path, bin_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """llama.cpp's Q4_0 file of the dense weights and compress's packed folders (each skipped when present)."""
+    source, dense_dir, _ = quality.prepare(work, DATA, 128, 512)
+    converter = bin_dir.parent.parent / "convert_hf_to_gguf.py"
+    env = {**os.environ, "PYTHONPATH": str(bin_dir.parent.parent / "gguf-py")}
+    f32, q4 = work / "dense-f32.gguf", work / "llama-q4_0.gguf"
+    if not f32.is_file():
+        run([sys.executable, converter, dense_dir, "--outtype", "f32", "--outfile", f32], work / "convert-dense.log", env)
+    if not q4.is_file():
+        run([bin_dir / "llama-quantize", f32, q4, "Q4_0"], work / "quantize-Q4_0.log")
+    calib = ["--calib", DATA / "valid.txt", "--nsamples", 128, "--seqlen", 512]
+    folders = {}
+    for name, flags in RECIPES.items():
+        folder = work / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        if not folder.is_dir():
+            run([*COMPRESS, "prune", source, *flags, *calib, "--format", "packed", "--out", folder],
+                work / f"prune-{folder.name}.log")
+        folders[name] = folder
+    return q4, folders
+
+
+def perplexity(model: Path, work: Path, name: str, precision: str) -> float:
+    out = work / f"ppl-{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{precision}.json"
+    if not out.is_file():
+        env = {**os.environ, "COMPRESS_ACT_PRECISION": precision}
+        run([*COMPRESS, "eval", model, "--ppl", DATA / "test.txt", "--seqlen", 1024, "--limit", 50, "--json", out],
+            out.with_suffix(".log"), env)
+    return json.loads(out.read_text())["ppl"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time compiled decode steps (torch.compile)")
+    ap.add_argument("--ppl", action="store_true", help="also each model's perplexity through compress eval")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    import compress
+    from compress.bench import PROMPT, decode_speed, greedy
+    from compress.kernels import ops as kops
+    from compress.kernels.build import ops as compiled
+
+    bin_dir = Path(subprocess.check_output(["bash", str(ROOT / "scripts" / "llama-cpp.sh")], text=True).strip())
+    q4, folders = prepare_models(args.work, bin_dir)
+    torch.set_num_threads(args.threads)
+    loaded = {name: compress.load(str(folder), with_tokenizer=True) for name, folder in folders.items()}
+    ids = next(iter(loaded.values()))[1](PROMPT, return_tensors="pt").input_ids
+    contenders = [(name, precision, compiled_) for name in loaded for precision in kops.ACT_PRECISIONS
+                  for compiled_ in ((False, True) if args.compile else (False,))]
+    for name, _, compiled_ in contenders:  # warm up (and compile) outside the timed rounds
+        greedy(loaded[name][0], ids, 2, compiled=compiled_)
+    cpu = subprocess.check_output(["lscpu"], text=True)
+    results = {"cpu": re.search(r"Model name:\s*(.*)", cpu)[1], "int8_isa": ["portable", "avx2", "avx512-vnni"][
+        int(compiled().int8_isa())], "threads": args.threads, "new_tokens": args.new_tokens, "prompt": PROMPT,
+        "llama_q4_0": {"file": q4.name, "bytes": q4.stat().st_size}, "rounds": []}
+    for r in range(args.rounds):
+        row = {"llama.cpp Q4_0": llama_bench(bin_dir, q4, args.new_tokens, args.threads, args.work / "llama-bench.log")}
+        for name, precision, compiled_ in contenders:
+            kops.set_act_precision(precision)
+            key = f"{name} ({precision} x{', compiled' if compiled_ else ''})"
+            row[key] = decode_speed({key: loaded[name][0]}, ids, args.new_tokens, repeats=1, compiled=compiled_)[key]
+        kops.set_act_precision("int8")
+        results["rounds"].append(row)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+    names = results["rounds"][0].keys()
+    median = {k: statistics.median(row[k] for row in results["rounds"]) for k in names}
+    results["tokens_per_s"] = median
+    results["ratio_to_llama"] = {k: statistics.median(row[k] / row["llama.cpp Q4_0"] for row in results["rounds"])
+                                 for k in names}
+    if args.ppl:
+        results["ppl"] = {"llama.cpp Q4_0 (compress eval)": perplexity(q4, args.work, "llama-q4_0", "fp32")}
+        for name, folder in folders.items():
+            for precision in kops.ACT_PRECISIONS:
+                results["ppl"][f"{name} ({precision} x)"] = perplexity(folder, args.work, name, precision)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    for k in names:
+        print(f"{k:<60} {median[k]:7.1f} tok/s  {results['ratio_to_llama'][k]:5.2f}x llama.cpp", flush=True)
+    for k, v in results.get("ppl", {}).items():
+        print(f"ppl {k:<56} {v:7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
