@@ -6,8 +6,9 @@ its fast path; its fp32-input path is reported too), our dense W4 (group 128, sy
 our input-major activation-sparse product at 50% zero inputs (fp32 and bf16) next to the dense product of the
 same dtype, and our input-major W4 (the layout of packed linears with activation thresholds) at 0% and 50% zero
 inputs next to our row-major W4; and at group 32 (issue 25): our W4 with int8 inputs (integer dot products)
-and with fp32 inputs, and our 2:4 + W4. Also the weight bytes each reads, the GB/s that makes, and the machine's read and copy
-bandwidth measured the same way. All variants of one shape run interleaved, round-robin, so a slower period of
+and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI; portable elsewhere) and fp32 inputs. Also
+the weight bytes each reads, the GB/s that makes, and the machine's read and copy bandwidth measured the same
+way. All variants of one shape run interleaved, round-robin, so a slower period of
 a shared machine hits them alike.
 
     python benchmarks/gemv.py --json kernels.json
@@ -67,6 +68,8 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
                                              im.nbytes // 2),
         "ours W4 g32 int8 x": (lambda: k.q4_dense_i8_mm(x, q4_32.data, q4_32.scale, q4_32.zero, out, 32), q4_32.nbytes),
         "ours W4 g32 fp32 x": (lambda: k.q4_dense_mm(x, q4_32.data, q4_32.scale, q4_32.zero, out, 32), q4_32.nbytes),
+        "ours 2:4 + W4 g32 int8 x": (lambda: k.q4_sparse24_i8_mm(x, s24_32.data, s24_32.pos, s24_32.scale, s24_32.zero, out, 32),
+                                     s24_32.nbytes),
         "ours 2:4 + W4 g32 fp32 x": (lambda: k.q4_sparse24_mm(x, s24_32.data, s24_32.pos, s24_32.scale, s24_32.zero, out, 32),
                                      s24_32.nbytes),
         "ours act-sparse 50% fp32": (lambda: k.act_sparse_mm(x50, WT), W.numel() * 2),
@@ -124,7 +127,8 @@ def run(shapes, threads, repeats: int) -> dict:
                 "W4 input-major vs W4 (no zeros)": v["ours W4 g128"]["ms"] / v["ours W4 g128 input-major"]["ms"],
                 "W4 g32 int8 x: share of read bandwidth": v["ours W4 g32 int8 x"]["GBps"] / bw["read_GBps"],
                 "W4 g32 int8 x vs fp32 x": v["ours W4 g32 fp32 x"]["ms"] / v["ours W4 g32 int8 x"]["ms"],
-                "2:4+W4 g32 fp32 x vs W4 g32 int8 x": v["ours W4 g32 int8 x"]["ms"] / v["ours 2:4 + W4 g32 fp32 x"]["ms"],
+                "2:4+W4 g32 int8 x vs W4 g32 int8 x": v["ours W4 g32 int8 x"]["ms"] / v["ours 2:4 + W4 g32 int8 x"]["ms"],
+                "2:4+W4 g32 int8 x: share of read bandwidth": v["ours 2:4 + W4 g32 int8 x"]["GBps"] / bw["read_GBps"],
             }
             results["runs"].append(row)
             print(f"{out}x{n_in}:", flush=True)
