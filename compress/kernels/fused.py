@@ -27,10 +27,8 @@ class SharedProduct:
     def __init__(self, members: list[PackedLinear]):
         weights = [m.weight_packed for m in members]
         layout = type(weights[0])
-        parts = {p: torch.cat([getattr(w, p) for w in weights]) for p in PARTS if getattr(weights[0], p, None) is not None}
-        for p in PARTS:
-            if hasattr(weights[0], p) and p not in parts:
-                parts[p] = None
+        parts = {p: None if getattr(weights[0], p) is None else torch.cat([getattr(w, p) for w in weights])
+                 for p in PARTS if hasattr(weights[0], p)}  # the layout's tensors (zero: None when symmetric)
         out = sum(m.out_features for m in members)
         self._product = ops.quantized_product(layout(**parts, shape=(out, members[0].in_features),
                                                      group_size=members[0].group_size))

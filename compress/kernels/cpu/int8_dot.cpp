@@ -76,7 +76,8 @@ struct I8Args {
   int64_t batch, in, out, group;
 };
 
-inline void store_tile(const I8Args& a, int64_t t, int64_t b, const float* lanes) {
+template <typename A>  // I8Args or S8Args
+inline void store_tile(const A& a, int64_t t, int64_t b, const float* lanes) {
   const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
   std::memcpy(a.y + b * a.out + t * TILE, lanes, rows * sizeof(float));
 }
@@ -250,9 +251,7 @@ void q4_sparse24_i8_portable(const S8Args& a, int64_t t0, int64_t t1) {
         const float xd = a.x->d[b * blocks + k];
         for (int r = 0; r < TILE; ++r) y[r] += s[r] * xd * (acc[r] - (z ? z[r] : 8.f) * kept[r]);
       }
-      float* out = y;
-      const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
-      std::memcpy(a.y + b * a.out + t * TILE, out, rows * sizeof(float));
+      store_tile(a, t, b, y);
     }
   }
 }
@@ -314,8 +313,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) void q4_sparse
   for (int b = 0; b < B; ++b) {
     float lanes[TILE];
     _mm512_storeu_ps(lanes, y[b]);
-    const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
-    std::memcpy(a.y + (b0 + b) * a.out + t * TILE, lanes, rows * sizeof(float));
+    store_tile(a, t, b0 + b, lanes);
   }
 }
 
