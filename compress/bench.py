@@ -11,12 +11,14 @@ import copy
 import logging
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress import decode
 from compress.kernels.linear import PackedEmbedding, PackedLinear
 
 log = logging.getLogger(__name__)
@@ -100,23 +102,32 @@ def dense_twin(model: nn.Module) -> nn.Module:
 CACHE_BUCKET = 256  # compiled decoding: KV cache lengths are multiples of this, so few lengths are compiled
 
 
+_LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled LeanDecoder
+
+
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False) -> torch.Tensor:
     """The ``new_tokens`` greedy tokens after ``ids`` ``(1, T)``.
 
     Args:
-        compiled: decode steps through ``torch.compile`` (inductor) on a static KV cache: the per-token
-            Python and dispatch of the eager model, which on a small model costs as much as its products,
-            becomes one compiled call; compress's kernels are traced as opaque ops. The first call per cache
-            length compiles (a minute or two on a CPU); the cache length is rounded up to a multiple of
-            ``CACHE_BUCKET`` so later calls reuse it. Prefill stays eager.
+        compiled: decode steps compiled (inductor) over a static KV cache, compress's kernels traced as opaque
+            ops: ``decode.LeanDecoder`` for llama-family models (one compiled function per step, kept per model),
+            else transformers' generate with a static cache and its compiled forward. The per-token Python and
+            dispatch of the eager model, which on a small model costs more than its products, mostly goes. The
+            first call per cache length compiles (a minute or two on a CPU); the cache length is rounded up to a
+            multiple of ``CACHE_BUCKET`` so later calls reuse it. Prefill stays eager.
     """
+    length = -(-(ids.shape[1] + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+    if compiled and ids.shape[0] == 1 and decode.supports(model):
+        lean = _LEAN.get(model)
+        if lean is None or lean.max_len < length:
+            lean = _LEAN[model] = decode.LeanDecoder(model, length)
+        return lean.generate(ids, new_tokens)
     kwargs = {}
     if compiled:
         from transformers import CompileConfig, StaticCache
 
         config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
         config._compile_all_devices = True  # transformers compiles on accelerators only, unless told so
-        length = -(-(ids.shape[1] + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         kwargs = {"cache": StaticCache(config=model.config, max_cache_len=length), "compile_config": config}
     with torch.inference_mode():
         return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "cpu" / name for name in ("kernels.cpp", "int8_dot.cpp")]
+SOURCES = [Path(__file__).parent / "cpu" / name for name in ("kernels.cpp", "int8_dot.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).parent / "cpu" / "isa.h"]
 NAME = "compress_kernels"
 # -fopenmp: at::parallel_for's OpenMP pragma is compiled into the extension; without it the kernels run on one thread
@@ -88,5 +88,6 @@ def _traceable(lib):
             lambda data, pos, scale, zero, out, group: scale.new_empty(out, data.shape[1] * (4 if pos is not None else 2)))
         torch.library.register_fake(f"{NAME}::q4_input_major_unpack")(
             lambda data, scale, zero, out, group: scale.new_empty(out, scale.shape[0] * group))
+        torch.library.register_fake(f"{NAME}::decode_attention")(lambda q, *args: q.new_empty(q.shape))
         _FAKES_REGISTERED = True
     return lib

@@ -47,3 +47,19 @@ def act_sparse_mm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """``x @ WT`` for input-major ``wt`` ``(in, out)`` fp32 or bf16, reading only rows of non-zero inputs."""
     live = (x != 0).any(dim=0).nonzero().view(-1)
     return x[:, live] @ wt[live].float()
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_new: torch.Tensor,
+                     v_new: torch.Tensor, pos: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One position's attention: ``q`` ``(H, D)`` against the cache's positions ``[0, pos)`` (``keys``,
+    ``values`` ``(KV, max_len, D)``) and its own ``k_new``, ``v_new`` ``(KV, D)``; query head ``h`` reads
+    key/value head ``h // (H / KV)``. Returns ``(H, D)``. Traceable: the cache is masked, not sliced."""
+    H, D = q.shape
+    KV, max_len, _ = keys.shape
+    q = q.view(KV, H // KV, 1, D)
+    before = torch.where(torch.arange(max_len, device=q.device) < pos, 0.0, float("-inf")).to(q.dtype)
+    scores = torch.cat([(q * keys.unsqueeze(1)).sum(-1) + before,  # (KV, G, max_len + 1)
+                        (q * k_new.view(KV, 1, 1, D)).sum(-1)], dim=-1) * scaling
+    weights = torch.softmax(scores, dim=-1).unsqueeze(-1)  # (KV, G, max_len + 1, 1)
+    out = (weights[:, :, :-1] * values.unsqueeze(1)).sum(2) + weights[:, :, -1] * v_new.view(KV, 1, D)
+    return out.reshape(H, D)

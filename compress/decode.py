@@ -1,0 +1,152 @@
+"""Greedy decoding of llama-family models without the per-token machinery of ``generate`` (issue 25, step 3).
+
+On a small model a transformers decode step spends more time in Python, dispatch and cache bookkeeping than in
+its products (SmolLM2-135M packed: ~4 ms of products in a ~15 ms step). ``LeanDecoder`` reads the weights of the
+loaded transformers model (packed or dense, nothing copied) and runs one decode step as a single function of
+torch ops and compress's kernels, over a static KV cache: RMSNorm, q|k|v as one product, RoPE from a table,
+one-position attention (``decode_attention``, a kernel of its own: a query against a short cache is too small
+for BLAS or the compiler's generic loops), o, gate|up as one product, SiLU·up, down. ``torch.compile`` fuses the
+elementwise work into a few C++ loops around the kernels (traced as opaque ops), and after the first call its
+guards are not re-checked each token. Prefill stays the transformers model's own forward, its KV cache copied
+into the static one. The decoder is bound to the model's weights as they are when it is built.
+
+Architectures: those whose decoder layers are llama's (``LLAMA_LIKE``). Others, and models with hooks on their
+linears (activation sparsifiers), go through ``generate`` (``supports`` says which).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.kernels import ops, reference
+from compress.kernels.build import ops as compiled_kernels
+from compress.kernels.linear import PackedLinear
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+MLP = ("gate_proj", "up_proj")
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``LeanDecoder`` runs ``model``: a llama-family decoder, no hooks on its modules, no sliding window
+    shorter than the context (checked per call), batch 1."""
+    config = model.config
+    if config.model_type not in LLAMA_LIKE or getattr(config, "hidden_act", "silu") != "silu":
+        return False
+    if getattr(config, "rope_parameters", {}).get("rope_type", "default") == "dynamic":
+        return False  # its frequencies change with the length: the table would be wrong
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _product(modules: list[nn.Module]):
+    """``x -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input: one packed product when they share one
+    (``kernels.fused``), else one each."""
+    shared = getattr(modules[0], "_shared", None)
+    if shared is not None and all(getattr(m, "_shared", (None,))[0] is shared[0] for m in modules):
+        product = shared[0]._product
+        sizes = [m.out_features for m in modules]
+        bias = None
+        if any(m.bias is not None for m in modules):
+            bias = torch.cat([m.bias if m.bias is not None else m.bias.new_zeros(m.out_features) for m in modules])
+        return lambda x: (product(x) if bias is None else product(x) + bias).split(sizes, dim=-1)
+    singles = []
+    for m in modules:
+        if isinstance(m, PackedLinear):
+            p, b = ops.quantized_product(m.weight_packed), m.bias
+            singles.append(lambda x, p=p, b=b: p(x) if b is None else p(x) + b)
+        else:
+            singles.append(lambda x, m=m: F.linear(x, m.weight, m.bias))
+    return lambda x: [f(x) for f in singles]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` ``(heads, D)`` at one position (``cos``, ``sin``: ``(1, D)``), transformers' half rotation."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LeanDecoder:
+    """Greedy decoding of ``model`` (batch 1) with a static KV cache of ``max_len`` positions.
+
+    ``generate(ids, n)`` returns the ``n`` tokens after ``ids`` ``(1, T)``; ``T + n <= max_len``.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, compile: bool = True):
+        if not supports(model):
+            raise ValueError(f"{model.config.model_type}: the lean decoder runs {', '.join(LLAMA_LIKE)} models "
+                             "without hooks; use transformers' generate")
+        config, body = model.config, model.model
+        self.model, self.max_len = model, max_len
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.layers = [(layer.input_layernorm.weight, _product([getattr(layer.self_attn, n) for n in ATTENTION]),
+                        _product([layer.self_attn.o_proj]), layer.post_attention_layernorm.weight,
+                        _product([getattr(layer.mlp, n) for n in MLP]), _product([layer.mlp.down_proj]))
+                       for layer in body.layers]
+        self.norm, self.head = body.norm.weight, _product([model.lm_head])
+        self.scaling = body.layers[0].self_attn.scaling
+        dtype = body.norm.weight.dtype
+        with torch.no_grad():
+            probe = torch.zeros(1, dtype=dtype)
+            cos, sin = body.rotary_emb(probe, torch.arange(max_len).unsqueeze(0))  # (1, max_len, D)
+        self.cos, self.sin = cos[0], sin[0]
+        self.cache = torch.zeros(len(self.layers), 2, self.kv_heads, max_len, self.head_dim, dtype=dtype)
+        kernels = compiled_kernels()
+        native = kernels is not None and self.cache.is_cpu and dtype == torch.float32
+        self.attention = kernels.decode_attention if native else reference.decode_attention
+        self._step = torch.compile(self.step, fullgraph=True, dynamic=False) if compile else self.step
+        self._warm: set[str] = set()  # activation precisions the compiled step has run with
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token after the embedded token ``x`` ``(1, hidden)`` at position ``pos`` (0-d) over the keys
+        and values of the positions before it, ``cache`` ``(layers, 2, kv_heads, max_len, D)``; returns the token
+        ``(1,)`` and this position's keys and values ``(layers, 2, kv_heads, D)``, for the caller to store.
+
+        The cache is only read here: a compiled graph that writes into an input copies all of it."""
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        at = pos.view(1)
+        cos, sin = self.cos.index_select(0, at), self.sin.index_select(0, at)  # (1, D)
+        new = []
+        for (norm_in, qkv, o, norm_post, gate_up, down), past in zip(self.layers, cache):
+            q, k, v = qkv(_rms(x, norm_in, self.eps))
+            q = _rotate(q.view(H, D), cos, sin)
+            k, v = _rotate(k.view(KV, D), cos, sin), v.view(KV, D)
+            attended = self.attention(q, past[0], past[1], k, v, pos, self.scaling)  # (H, D)
+            x = x + o(attended.reshape(1, H * D))[0]
+            gate, up = gate_up(_rms(x, norm_post, self.eps))
+            x = x + down(F.silu(gate) * up)[0]
+            new.append(torch.stack([k, v]))
+        (logits,) = self.head(_rms(x, self.norm, self.eps))
+        return logits.argmax(-1), torch.stack(new)
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        T = ids.shape[1]
+        if ids.shape[0] != 1 or T + new_tokens > self.max_len:
+            raise ValueError(f"ids {tuple(ids.shape)} + {new_tokens} new tokens: batch 1 and at most {self.max_len} "
+                             "positions in all")
+        window = getattr(self.model.config, "sliding_window", None)
+        if window is not None and getattr(self.model.config, "use_sliding_window", True) and T + new_tokens > window:
+            raise ValueError(f"{T + new_tokens} positions exceed the sliding window {window}: use generate")
+        out = self.model(ids, use_cache=True)
+        for i, layer in enumerate(out.past_key_values.layers):
+            self.cache[i, 0, :, :T], self.cache[i, 1, :, :T] = layer.keys[0], layer.values[0]
+        token = out.logits[0, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        embed, precision = self.model.model.embed_tokens, ops.act_precision()
+        for pos in range(T, T + new_tokens - 1):
+            # once compiled for this precision, the step sees the same objects each call: skip checking guards
+            # (the check still tells apart the precisions compiled)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=precision in self._warm):
+                token, new = self._step(embed(token), torch.tensor(pos), self.cache)
+            self._warm.add(precision)
+            self.cache[:, :, :, pos] = new
+            tokens.append(token)
+        return torch.cat(tokens)
