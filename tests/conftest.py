@@ -110,3 +110,19 @@ def outlier_inputs(n_tokens: int, n_in: int, n_outliers: int = 4, scale: float =
     X = torch.randn(n_tokens, n_in, generator=gen) @ mix  # (tokens, in)
     X[:, torch.randperm(n_in, generator=gen)[:n_outliers]] *= scale
     return X
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["portable", "avx2", "avx512"])
+def isa(request):
+    """The compiled kernels with their ISA level forced to each one this CPU has (the others skip)."""
+    from compress.kernels.build import ops
+
+    kernels = ops()
+    if kernels is None:
+        pytest.skip("no compiled kernels here (no C++ compiler)")
+    best = int(kernels.isa())
+    if request.param > best:
+        pytest.skip(f"this CPU has ISA level {best}")
+    kernels.set_isa(request.param)
+    yield kernels
+    kernels.set_isa(best)

@@ -71,16 +71,6 @@ def _isa_levels():
     return kernels, best
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["portable", "avx2", "avx512"])
-def isa(request):
-    kernels, best = _isa_levels()
-    if request.param > best:
-        pytest.skip(f"this CPU has ISA level {best}")
-    kernels.set_isa(request.param)
-    yield kernels
-    kernels.set_isa(best)
-
-
 def _close(y, ref):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
