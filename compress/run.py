@@ -114,7 +114,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
                     report = pipeline.compress_sequential(lm, tokens, recipe, device=dev,
                                                           chunk_samples=chunk_samples or None, on_block=on_block,
                                                           io=output, bounded=plan.bounded, checked=True,
-                                                          scale_dtype=export.gguf.SCALE_DTYPE if fmt == "gguf" else None)
+                                                          scale_dtype=_scale_dtype(fmt))
             sparse24 = recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)
             metadata = {
                 "source_model": model,
@@ -133,6 +133,14 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
     log.info("wrote %s%s", out, {"compressed-tensors": " (compressed-tensors, pack-quantized)",
                                  "gguf": " (GGUF for llama.cpp)"}.get(fmt, ""))
     return report
+
+
+def _scale_dtype(fmt: str) -> torch.dtype | None:
+    """The dtype group scales are fitted in: the one the format stores (GGUF's and the packed layouts' fp16),
+    so the written weights are the ones the method fitted; else the model's (``None``)."""
+    from compress.kernels.formats import PACKED_SCALE_DTYPE
+
+    return {"gguf": export.gguf.SCALE_DTYPE, "packed": PACKED_SCALE_DTYPE}.get(fmt)
 
 
 def _log_plan(recipe: Recipe, calib, plan, model: str, seconds: float) -> None:

@@ -1,5 +1,7 @@
 """Packed layouts round-trip; every kernel (each ISA path the CPU has) matches the pure-torch reference."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from compress.config import QuantConfig
 from compress.kernels import ops as kops
 from compress.kernels import reference
 from compress.kernels.build import ops as compiled
-from compress.kernels.formats import Q4Dense, Q4InputMajor, Q4Sparse24
+from compress.kernels.formats import PACKED_SCALE_DTYPE, Q4Dense, Q4InputMajor, Q4Sparse24
 from compress.quant.grid import QuantGrid
 
 SHAPES = [(37, 256, 64), (50, 512, 128), (16, 96, 32), (70, 64, 64)]  # (out, in, group): odd outs, one-group rows
@@ -21,9 +23,15 @@ def _quantized(out, n_in, group, symmetric, sparse24=False, seed=0):
         keep.scatter_(-1, torch.rand(out, n_in // 4, 4, generator=gen).argsort(-1)[..., :2], True)
         keep[0, 0] = False  # a run with no non-zero at all
         W = W * keep.reshape(out, n_in)
-    grid = QuantGrid.fit(W, QuantConfig(4, group, symmetric=symmetric))
+    grid = QuantGrid.fit(W, QuantConfig(4, group, symmetric=symmetric), scale_dtype=PACKED_SCALE_DTYPE)  # as runs that pack
     codes = grid.encode(W)
     return codes, grid, grid.decode(codes)
+
+
+def _fp32_scales(layout):
+    """``layout`` with fp32 scales and zero points: as folders packed before fp16 scales (and what the
+    fp32-input kernels read)."""
+    return dataclasses.replace(layout, scale=layout.scale.float(), zero=None if layout.zero is None else layout.zero.float())
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -53,7 +61,8 @@ def test_input_major_layout_keeps_each_inputs_weights_contiguous():
 def test_sparse24_layout_stores_three_bits_per_weight_plus_scales():
     codes, grid, _ = _quantized(4096 // 16, 4096, 128, True, sparse24=True)
     dense, sparse = (cls.pack(codes, grid.scale, None, 128) for cls in (Q4Dense, Q4Sparse24))
-    scales = 256 * 32 * 4
+    scales = 256 * 32 * 2  # fp16
+    assert dense.scale.dtype == sparse.scale.dtype == torch.float16
     assert dense.nbytes == 256 * 4096 // 2 + scales and sparse.nbytes == 256 * 4096 * 3 // 8 + scales
 
 
@@ -82,12 +91,18 @@ def test_quantized_kernels_match_the_reference(isa, shape, symmetric):
     gen = torch.Generator().manual_seed(1)
     dense = Q4Dense.pack(*(lambda c, g, _: (c, g.scale, g.zero, group))(*_quantized(*shape, symmetric)))
     sparse = Q4Sparse24.pack(*(lambda c, g, _: (c, g.scale, g.zero, group))(*_quantized(*shape, symmetric, True)))
+    d32, s32 = _fp32_scales(dense), _fp32_scales(sparse)  # the fp32-input kernels read fp32 scales
     for batch in (1, 2, 3, 4, 7, 16):
         x = torch.randn(batch, n_in, generator=gen)
-        _close(isa.q4_dense_mm(x, dense.data, dense.scale, dense.zero, out, group), reference.q4_dense_mm(x, dense))
+        _close(isa.q4_dense_mm(x, d32.data, d32.scale, d32.zero, out, group), reference.q4_dense_mm(x, dense))
         if group % 8 == 0:
-            _close(isa.q4_sparse24_mm(x, sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group),
+            _close(isa.q4_sparse24_mm(x, s32.data, s32.pos, s32.scale, s32.zero, out, group),
                    reference.q4_sparse24_mm(x, sparse))
+        for precision in kops.ACT_PRECISIONS:  # the product binds fp32 copies of fp16 scales for the fp32 kernels
+            kops.set_act_precision(precision)
+            integer = precision == "int8" and group % 32 == 0
+            _close(kops.quantized_product(dense)(x), (reference.q4_dense_i8_mm if integer else reference.q4_dense_mm)(x, dense))
+        kops.set_act_precision("int8")
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -105,6 +120,8 @@ def test_integer_kernel_matches_its_reference(isa, shape, symmetric):
         x[-1, 5] = 1e4  # an outlier: the rest of its block rounds to few levels
         y = isa.q4_dense_i8_mm(x, dense.data, dense.scale, dense.zero, out, group)
         _close(y, reference.q4_dense_i8_mm(x, dense))
+        old = _fp32_scales(dense)  # fp32 storage of the same scales: the same products, bit for bit
+        assert torch.equal(isa.q4_dense_i8_mm(x, old.data, old.scale, old.zero, out, group), y)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -120,6 +137,8 @@ def test_sparse_integer_kernel_matches_its_reference(isa, shape, symmetric):
         x[0, 32:64] = 0
         y = isa.q4_sparse24_i8_mm(x, sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group)
         _close(y, reference.q4_sparse24_i8_mm(x, sparse))
+        old = _fp32_scales(sparse)
+        assert torch.equal(isa.q4_sparse24_i8_mm(x, old.data, old.pos, old.scale, old.zero, out, group), y)
 
 
 def test_integer_kernel_rounds_the_input_exactly_as_the_reference(isa):

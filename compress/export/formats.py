@@ -82,7 +82,7 @@ def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, 
     """Bytes the compressed linears take in ``fmt`` vs the same linears dense in ``dtype`` (the model's);
     ``symmetric``: quantized without zero points; ``sparse24``: 2:4-pruned (``packed`` stores them as
     ``Q4Sparse24``, but for linears with activation thresholds, which are ``Q4InputMajor``: 4 bits a weight)."""
-    from compress.kernels.formats import TILE
+    from compress.kernels.formats import PACKED_SCALE_DTYPE, TILE
 
     size = torch.finfo(dtype).bits // 8
     dense = stored = 0
@@ -96,9 +96,10 @@ def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, 
             stored += n_out * n_in // 32 * (34 if layer.bits == 8 else 18 if symmetric else 20)
             continue
         groups = n_in // layer.group_size
-        if fmt == "packed":  # kernels.formats: 16-row tiles, fp32 scales (and unsigned zero points)
+        if fmt == "packed":  # kernels.formats: 16-row tiles, fp16 scales and unsigned zero points (fp32 input-major)
             rows = -(-n_out // TILE) * TILE
-            stored += rows * n_in * (3 if sparse24 and not layer.act_target else 4) // 8 + rows * groups * 4 * (1 if symmetric else 2)
+            scale_bytes = 4 if layer.act_target else PACKED_SCALE_DTYPE.itemsize
+            stored += rows * n_in * (3 if sparse24 and not layer.act_target else 4) // 8 + rows * groups * scale_bytes * (1 if symmetric else 2)
             continue
         stored += n_out * math.ceil(n_in * layer.bits / 32) * 4 + n_out * groups * size + 2 * 8
         if not symmetric:

@@ -48,13 +48,13 @@ def quantize_lm_head(model, state: dict[str, torch.Tensor], recipe, fmt: str) ->
     """Round the output projection to ``recipe.quant``'s grid in ``state`` (the weights outside the blocks,
     tied ones stored once): dequantized for ``dense``, the ``Q4Dense`` layout for ``packed``. Returns the
     packed table's entry (``tied_embedding``: the input embedding that shares it), or ``None``."""
-    from compress.kernels.formats import Q4Dense
+    from compress.kernels.formats import PACKED_SCALE_DTYPE, Q4Dense
     from compress.quant.grid import QuantGrid
 
     head_name, embedding_name, tied = lm_head_names(model, state)
     key = f"{embedding_name}.weight" if tied else f"{head_name}.weight"
     W = state[key]
-    grid = QuantGrid.fit(W.float(), recipe.quant, scale_dtype=W.dtype)
+    grid = QuantGrid.fit(W.float(), recipe.quant, scale_dtype=PACKED_SCALE_DTYPE if fmt == "packed" else W.dtype)
     codes = grid.quantize(W.float())
     if fmt != "packed":
         state[key] = grid.decode(codes).to(W.dtype)

@@ -66,6 +66,11 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: i
 # time and never reduces across lanes. Rows are zero-padded to a multiple of 16.
 
 TILE = 16
+# Q4Dense and Q4Sparse24 store scales and zero points in fp16, as GGUF's blocks (issue 25, step 0): 0.5 bit per
+# weight at groups of 32 instead of 1. Zero points are integers 0..15, exact; a scale rounds to 11 significant
+# bits, so runs that pack fit their grids on fp16 scales (``run.py``) and packing them loses nothing. Layouts
+# read from older folders keep their fp32 scales; the kernels take both. Q4InputMajor keeps fp32.
+PACKED_SCALE_DTYPE = torch.float16
 PARTS = ("data", "pos", "scale", "zero")  # the tensors a layout may hold (``pos``: Q4Sparse24 only; ``zero``: asymmetric)
 
 
@@ -83,13 +88,13 @@ def _untile(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.movedim(-1, 1).reshape(-1, *t.shape[1:-1])[:rows]
 
 
-def _unsigned_zero(grid_zero: torch.Tensor | None, bits: int) -> torch.Tensor | None:
+def _unsigned_zero(grid_zero: torch.Tensor | None, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """``zero - qmin`` in tiles, or ``None`` for a symmetric grid (whose unsigned zero is ``2^(bits-1)``)."""
-    return None if grid_zero is None else _tiles(grid_zero.float() + (1 << (bits - 1)))
+    return None if grid_zero is None else _tiles((grid_zero.float() + (1 << (bits - 1))).to(dtype))
 
 
 def _zero_or_default(zero: torch.Tensor | None, scale: torch.Tensor, rows: int, repeat: int) -> torch.Tensor:
-    z = _untile(zero, rows) if zero is not None else torch.full_like(_untile(scale, rows), 8.0)
+    z = _untile(zero, rows).float() if zero is not None else torch.full_like(_untile(scale, rows), 8.0, dtype=torch.float32)
     return z.repeat_interleave(repeat, dim=1)
 
 
@@ -114,8 +119,8 @@ class Q4Dense(_GroupedCodes):
 
     Attributes:
         data: ``(tiles, in/2, 16)`` uint8: byte ``[t, j, r]`` = ``u[16t+r, 2j] | u[16t+r, 2j+1] << 4``.
-        scale, zero: ``(tiles, groups, 16)`` fp32 scales and unsigned zero points (``zero`` is ``None`` when
-            symmetric: 8 everywhere).
+        scale, zero: ``(tiles, groups, 16)`` fp16 (``PACKED_SCALE_DTYPE``; fp32 in older folders) scales and
+            unsigned zero points (``zero`` is ``None`` when symmetric: 8 everywhere).
     """
 
     @classmethod
@@ -126,22 +131,23 @@ class Q4Dense(_GroupedCodes):
             raise ValueError(f"Q4Dense needs in_features divisible by 2 and by the group size {group_size}, got {n_in}")
         u = (codes.to(torch.int16) + 8).to(torch.uint8)  # (out, in) 0..15
         data = u[:, 0::2] | (u[:, 1::2] << 4)  # (out, in/2)
-        return cls(_tiles(data), _tiles(scale.float()), _unsigned_zero(zero, 4), (out, n_in), group_size)
+        return cls(_tiles(data), _tiles(scale.to(PACKED_SCALE_DTYPE)), _unsigned_zero(zero, 4, PACKED_SCALE_DTYPE),
+                   (out, n_in), group_size)
 
     def unpack(self) -> torch.Tensor:
         """fp32 ``(out, in)`` weights."""
         data = _untile(self.data, self.shape[0])
         u = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(self.shape[0], -1).float()
         zero = _zero_or_default(self.zero, self.scale, self.shape[0], self.group_size)
-        return (u - zero) * _untile(self.scale, self.shape[0]).repeat_interleave(self.group_size, dim=1)
+        return (u - zero) * _untile(self.scale, self.shape[0]).float().repeat_interleave(self.group_size, dim=1)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """fp32 rows ``index`` ``(n,)`` of the weights, ``(n, in)``: an embedding lookup in a tied lm_head."""
         tile, lane = index // TILE, index % TILE
         data = self.data[tile, :, lane]  # (n, in/2)
         u = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(len(index), -1).float()
-        scale = self.scale[tile, :, lane].repeat_interleave(self.group_size, dim=1)
-        zero = self.zero[tile, :, lane].repeat_interleave(self.group_size, dim=1) if self.zero is not None else 8.0
+        scale = self.scale[tile, :, lane].float().repeat_interleave(self.group_size, dim=1)
+        zero = self.zero[tile, :, lane].float().repeat_interleave(self.group_size, dim=1) if self.zero is not None else 8.0
         return (u - zero) * scale
 
 
@@ -155,7 +161,7 @@ class Q4Sparse24:
             nibble (the smaller position first; a run with fewer than two non-zeros keeps zeros).
         pos: ``(tiles, in/8, 16)`` uint8: byte ``[t, j, r]`` = positions of runs ``2j`` (low nibble) and
             ``2j+1`` (high nibble), each nibble ``p0 | p1 << 2`` with ``p0 < p1`` in 0..3.
-        scale, zero: ``(tiles, groups, 16)`` fp32, as in ``Q4Dense``.
+        scale, zero: ``(tiles, groups, 16)`` fp16 (or fp32), as in ``Q4Dense``.
     """
 
     data: torch.Tensor
@@ -185,7 +191,8 @@ class Q4Sparse24:
         data = (u0 | (u1 << 4)).to(torch.uint8)  # (out, runs)
         code = (p0 | (p1 << 2)).to(torch.uint8)  # (out, runs) 4 bits
         pos = code[:, 0::2] | (code[:, 1::2] << 4)  # (out, runs/2)
-        return cls(_tiles(data), _tiles(pos), _tiles(scale.float()), _unsigned_zero(zero, 4), (out, n_in), group_size)
+        return cls(_tiles(data), _tiles(pos), _tiles(scale.to(PACKED_SCALE_DTYPE)), _unsigned_zero(zero, 4, PACKED_SCALE_DTYPE),
+                   (out, n_in), group_size)
 
     def unpack(self) -> torch.Tensor:
         """fp32 ``(out, in)`` weights (pruned positions exactly zero)."""
@@ -194,7 +201,7 @@ class Q4Sparse24:
         code = torch.stack([pos & 0xF, pos >> 4], dim=-1).reshape(out, -1).long()  # (out, runs)
         p0, p1 = code & 3, code >> 2
         zu = _zero_or_default(self.zero, self.scale, out, self.group_size // 4)  # (out, runs)
-        s = _untile(self.scale, out).repeat_interleave(self.group_size, dim=1)
+        s = _untile(self.scale, out).float().repeat_interleave(self.group_size, dim=1)
         runs = zu[..., None].repeat(1, 1, 4)  # unkept positions decode to exactly 0
         runs.scatter_(-1, p0[..., None], (data & 0xF).float()[..., None])
         runs.scatter_(-1, p1[..., None], (data >> 4).float()[..., None])

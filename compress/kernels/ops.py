@@ -81,6 +81,13 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         args = (w.data, w.scale, w.zero, out, w.group_size)
         unpack = k and (lambda: k.q4_unpack(w.data, None, w.scale, w.zero, out, w.group_size))
 
+    fp32_args = []  # the fp32-input kernels read fp32 scales: fp16 ones (issue 25's step 0) converted once, if used
+
+    def gemv_args() -> tuple:
+        if not fp32_args:
+            fp32_args.extend(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        return tuple(fp32_args)
+
     def product(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, n_in)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -88,7 +95,7 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         if k is None or x2.device.type != "cpu":
             y = fallback(x2, w)
         elif x2.shape[0] <= MAX_KERNEL_BATCH:
-            y = (integer if integer and _act["precision"] == "int8" else gemv)(x2, *args)
+            y = integer(x2, *args) if integer and _act["precision"] == "int8" else gemv(x2, *gemv_args())
         else:  # prefill: one BLAS product, its input rounded as the integer kernel rounds it
             y = (reference.int8_rows(x2) if integer and _act["precision"] == "int8" else x2) @ unpack().t()
         return y.reshape(*x.shape[:-1], out)

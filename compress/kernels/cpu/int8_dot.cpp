@@ -71,10 +71,27 @@ struct I8Args {
   const Int8Rows* x;
   float* y;             // (batch, out)
   const uint8_t* data;  // q4_dense: (tiles, in/2, 16)
-  const float* scale;   // (tiles, groups, 16)
-  const float* zero;    // (tiles, groups, 16) or nullptr (8)
+  const void* scale;    // (tiles, groups, 16) fp32 or fp16 (half)
+  const void* zero;     // (tiles, groups, 16) like scale, or nullptr (8)
+  bool half;
   int64_t batch, in, out, group;
 };
+
+// Group scales and zero points are fp32 (folders packed before issue 25's step 0) or fp16 (as GGUF's blocks;
+// zero points are small integers, exact in fp16): element i, or 8 / 16 of them from i, as fp32.
+inline float param(const void* p, bool half, int64_t i) {
+  return half ? static_cast<float>(static_cast<const c10::Half*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 param8(const void* p, bool half, int64_t i) {
+  return half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)))
+              : _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+__attribute__((target("avx512f"))) inline __m512 param16(const void* p, bool half, int64_t i) {
+  return half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i)))
+              : _mm512_loadu_ps(static_cast<const float*>(p) + i);
+}
 
 template <typename A>  // I8Args or S8Args
 inline void store_tile(const A& a, int64_t t, int64_t b, const float* lanes) {
@@ -94,11 +111,10 @@ void q4_dense_i8_portable(const I8Args& a, int64_t t0, int64_t t1) {
           const uint8_t* d = a.data + (t * half + i / 2) * TILE;
           for (int r = 0; r < TILE; ++r) acc[r] += ((d[r] >> (4 * (i & 1))) & 15) * q[i];
         }
-        const int64_t g = k * BLOCK / a.group;
-        const float* s = a.scale + (t * groups + g) * TILE;
-        const float* z = a.zero ? a.zero + (t * groups + g) * TILE : nullptr;
+        const int64_t at = (t * groups + k * BLOCK / a.group) * TILE;
         const float xd = a.x->d[b * blocks + k], xs = a.x->qsum[b * blocks + k];
-        for (int r = 0; r < TILE; ++r) y[r] += s[r] * xd * (acc[r] - (z ? z[r] : 8.f) * xs);
+        for (int r = 0; r < TILE; ++r)
+          y[r] += param(a.scale, a.half, at + r) * xd * (acc[r] - (a.zero ? param(a.zero, a.half, at + r) : 8.f) * xs);
       }
       store_tile(a, t, b, y);
     }
@@ -106,7 +122,7 @@ void q4_dense_i8_portable(const I8Args& a, int64_t t0, int64_t t1) {
 }
 
 template <int B>
-__attribute__((target("avx2,fma"))) void q4_dense_i8_avx2_rows(const I8Args& a, int64_t t, int64_t b0) {
+__attribute__((target("avx2,fma,f16c"))) void q4_dense_i8_avx2_rows(const I8Args& a, int64_t t, int64_t b0) {
   const int64_t groups = a.in / a.group, blocks = a.in / BLOCK, half = a.in / 2;
   const __m256i low = _mm256_set1_epi8(15);
   // lane 0 takes inputs (0, 1) of the 4 loaded, lane 1 inputs (2, 3): the two input pairs of the 32 bytes
@@ -131,10 +147,10 @@ __attribute__((target("avx2,fma"))) void q4_dense_i8_avx2_rows(const I8Args& a, 
         r815[b] = _mm256_add_epi16(r815[b], _mm256_maddubs_epi16(w815, xv));
       }
     }
-    const int64_t g = k * BLOCK / a.group;
-    const __m256 s0 = _mm256_loadu_ps(a.scale + (t * groups + g) * TILE), s1 = _mm256_loadu_ps(a.scale + (t * groups + g) * TILE + 8);
-    const __m256 z0 = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm256_set1_ps(8.f);
-    const __m256 z1 = a.zero ? _mm256_loadu_ps(a.zero + (t * groups + g) * TILE + 8) : _mm256_set1_ps(8.f);
+    const int64_t at = (t * groups + k * BLOCK / a.group) * TILE;
+    const __m256 s0 = param8(a.scale, a.half, at), s1 = param8(a.scale, a.half, at + 8);
+    const __m256 z0 = a.zero ? param8(a.zero, a.half, at) : _mm256_set1_ps(8.f);
+    const __m256 z1 = a.zero ? param8(a.zero, a.half, at + 8) : _mm256_set1_ps(8.f);
     for (int b = 0; b < B; ++b) {
       const __m256i i07 = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(r07[b])),
                                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(r07[b], 1)));
@@ -186,9 +202,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) void q4_dense_
         odd[b] = _mm512_dpbusd_epi32(odd[b], hi, _mm512_set1_epi32(o));
       }
     }
-    const int64_t g = k * BLOCK / a.group;
-    const __m512 s = _mm512_loadu_ps(a.scale + (t * groups + g) * TILE);
-    const __m512 z = a.zero ? _mm512_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm512_set1_ps(8.f);
+    const int64_t at = (t * groups + k * BLOCK / a.group) * TILE;
+    const __m512 s = param16(a.scale, a.half, at);
+    const __m512 z = a.zero ? param16(a.zero, a.half, at) : _mm512_set1_ps(8.f);
     for (int b = 0; b < B; ++b) {
       const __m512 acc = _mm512_cvtepi32_ps(_mm512_add_epi32(even[b], odd[b]));
       const __m512 xs = _mm512_set1_ps(a.x->qsum[(b0 + b) * blocks + k]), xd = _mm512_set1_ps(a.x->d[(b0 + b) * blocks + k]);
@@ -222,8 +238,9 @@ struct S8Args {
   float* y;
   const uint8_t* data;  // (tiles, in/4, 16): u0 | u1 << 4 per run and row
   const uint8_t* pos;   // (tiles, in/8, 16): position codes p0 | p1 << 2 of runs 2j (low) and 2j+1 (high)
-  const float* scale;
-  const float* zero;
+  const void* scale;    // as in I8Args
+  const void* zero;
+  bool half;
   int64_t batch, in, out, group;
 };
 
@@ -245,11 +262,10 @@ void q4_sparse24_i8_portable(const S8Args& a, int64_t t0, int64_t t1) {
             kept[r] += x0 + x1;
           }
         }
-        const int64_t g = k * BLOCK / a.group;
-        const float* s = a.scale + (t * groups + g) * TILE;
-        const float* z = a.zero ? a.zero + (t * groups + g) * TILE : nullptr;
+        const int64_t at = (t * groups + k * BLOCK / a.group) * TILE;
         const float xd = a.x->d[b * blocks + k];
-        for (int r = 0; r < TILE; ++r) y[r] += s[r] * xd * (acc[r] - (z ? z[r] : 8.f) * kept[r]);
+        for (int r = 0; r < TILE; ++r)
+          y[r] += param(a.scale, a.half, at + r) * xd * (acc[r] - (a.zero ? param(a.zero, a.half, at + r) : 8.f) * kept[r]);
       }
       store_tile(a, t, b, y);
     }
@@ -302,9 +318,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi"))) void q4_sparse
         kept[b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(kept[b], ones, g01), ones, g23);
       }
     }
-    const int64_t g = k * BLOCK / a.group;
-    const __m512 s = _mm512_loadu_ps(a.scale + (t * groups + g) * TILE);
-    const __m512 z = a.zero ? _mm512_loadu_ps(a.zero + (t * groups + g) * TILE) : _mm512_set1_ps(8.f);
+    const int64_t at = (t * groups + k * BLOCK / a.group) * TILE;
+    const __m512 s = param16(a.scale, a.half, at);
+    const __m512 z = a.zero ? param16(a.zero, a.half, at) : _mm512_set1_ps(8.f);
     for (int b = 0; b < B; ++b) {
       const __m512 f = _mm512_fnmadd_ps(z, _mm512_cvtepi32_ps(kept[b]), _mm512_cvtepi32_ps(acc[b]));
       y[b] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(a.x->d[(b0 + b) * blocks + k])), f, y[b]);
@@ -330,9 +346,11 @@ void check_inputs(const at::Tensor& x, int64_t in, int64_t group, const at::Tens
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), "x must be contiguous fp32 on CPU");
   TORCH_CHECK(x.size(0) <= MAX_BATCH, "batch ", x.size(0), " > ", MAX_BATCH, ": use the reference path");
   TORCH_CHECK(group % BLOCK == 0, "integer kernels take group sizes divisible by ", BLOCK, ", got ", group);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous fp32");
+  TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous(),
+              "scale must be contiguous fp32 or fp16");
   TORCH_CHECK(scale.size(0) * TILE >= out && scale.size(1) * group == in, "scale shape ", scale.sizes(), " does not fit");
-  if (zero) TORCH_CHECK(zero->scalar_type() == at::kFloat && zero->is_contiguous() && zero->sizes() == scale.sizes(), "zero must match scale");
+  if (zero) TORCH_CHECK(zero->scalar_type() == scale.scalar_type() && zero->is_contiguous() && zero->sizes() == scale.sizes(),
+                        "zero must match scale");
 }
 
 at::Tensor q4_dense_i8_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
@@ -343,8 +361,8 @@ at::Tensor q4_dense_i8_mm(const at::Tensor& x, const at::Tensor& data, const at:
   const int64_t isa = int8_isa();
   const Int8Rows rows = quantize_rows(x.data_ptr<float>(), x.size(0), in, isa == 2);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
-  const I8Args a{&rows, y.data_ptr<float>(), data.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                 zero ? zero->data_ptr<float>() : nullptr, x.size(0), in, out, group};
+  const I8Args a{&rows, y.data_ptr<float>(), data.data_ptr<uint8_t>(), scale.data_ptr(), zero ? zero->data_ptr() : nullptr,
+                 scale.scalar_type() == at::kHalf, x.size(0), in, out, group};
   at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
     if (isa == 2) by_rows<I8Args, q4_dense_i8_avx512_rows<4>, q4_dense_i8_avx512_rows<2>, q4_dense_i8_avx512_rows<1>>(a, t0, t1);
     else if (isa == 1) by_rows<I8Args, q4_dense_i8_avx2_rows<4>, q4_dense_i8_avx2_rows<2>, q4_dense_i8_avx2_rows<1>>(a, t0, t1);
@@ -362,8 +380,8 @@ at::Tensor q4_sparse24_i8_mm(const at::Tensor& x, const at::Tensor& data, const 
               pos.is_contiguous() && pos.size(1) * 8 == in, "packed data and positions must be contiguous uint8 of a 2:4 layout");
   const Int8Rows rows = quantize_rows(x.data_ptr<float>(), x.size(0), in, false);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
-  const S8Args a{&rows, y.data_ptr<float>(), data.data_ptr<uint8_t>(), pos.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                 zero ? zero->data_ptr<float>() : nullptr, x.size(0), in, out, group};
+  const S8Args a{&rows, y.data_ptr<float>(), data.data_ptr<uint8_t>(), pos.data_ptr<uint8_t>(), scale.data_ptr(),
+                 zero ? zero->data_ptr() : nullptr, scale.scalar_type() == at::kHalf, x.size(0), in, out, group};
   const bool vnni = int8_isa() == 2;
   at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
     if (vnni) by_rows<S8Args, q4_sparse24_i8_avx512_rows<4>, q4_sparse24_i8_avx512_rows<2>, q4_sparse24_i8_avx512_rows<1>>(a, t0, t1);

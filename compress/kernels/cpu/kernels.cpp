@@ -686,11 +686,14 @@ at::Tensor q4_input_major_unpack(const at::Tensor& data, const at::Tensor& scale
 
 // Dequantized fp32 weights (out, in) of a q4_dense (pos undefined) or q4_sparse24 layout: prefill's path, where
 // one BLAS product over many rows beats any GEMV kernel and the dequantization is a small share of the time.
-at::Tensor q4_unpack(const at::Tensor& data, const c10::optional<at::Tensor>& pos, const at::Tensor& scale,
-                     const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+at::Tensor q4_unpack(const at::Tensor& data, const c10::optional<at::Tensor>& pos, const at::Tensor& stored_scale,
+                     const c10::optional<at::Tensor>& stored_zero, int64_t out, int64_t group) {
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.dim() == 3, "packed data must be contiguous uint8 (tiles, k, 16)");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous fp32");
-  if (zero) TORCH_CHECK(zero->scalar_type() == at::kFloat && zero->is_contiguous() && zero->sizes() == scale.sizes(), "zero must match scale");
+  TORCH_CHECK(stored_scale.scalar_type() == at::kFloat || stored_scale.scalar_type() == at::kHalf, "scale must be fp32 or fp16");
+  // fp16 scales and zero points (issue 25's step 0) as fp32: a copy of 1/16 to 1/64 of the unpacked weights' size
+  const at::Tensor scale = stored_scale.to(at::kFloat).contiguous();
+  const c10::optional<at::Tensor> zero = stored_zero ? c10::optional<at::Tensor>(stored_zero->to(at::kFloat).contiguous()) : c10::nullopt;
+  if (zero) TORCH_CHECK(zero->sizes() == scale.sizes(), "zero must match scale");
   const bool sparse = pos.has_value();
   const int64_t in = data.size(1) * (sparse ? 4 : 2), groups = scale.size(1);
   TORCH_CHECK(groups * group == in && scale.size(0) == data.size(0) && data.size(0) * TILE >= out, "scale shape ", scale.sizes(), " does not fit");
