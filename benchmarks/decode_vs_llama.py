@@ -46,6 +46,8 @@ SYNTHETIC_RECIPES = {
     "rtn-w4g32 + int4 lm_head": ["--quant", "w4g32", "--quant-method", "rtn", "--quant-lm-head"],
     "magnitude-2:4 + rtn-w4g32 + int4 lm_head": ["--method", "magnitude", "--pattern", "2:4", "--quant", "w4g32",
                                                  "--quant-method", "rtn", "--quant-lm-head"],
+    "magnitude-2:4 + rtn-w4g64 + int4 lm_head": ["--method", "magnitude", "--pattern", "2:4", "--quant", "w4g64",
+                                                 "--quant-method", "rtn", "--quant-lm-head"],
 }
 # TinyLlama-1.1B's shape with SmolLM2's 49152-token vocabulary, untied: decode is bound by reading weights
 TINYLLAMA_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -58,12 +60,6 @@ def run(cmd: list, log: Path, env: dict | None = None) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... failed ({out.returncode}), see {log}")
     return out.stdout
-
-
-def llama_bench(bin_dir: Path, gguf: Path, new_tokens: int, threads: int, log: Path) -> float:
-    """llama.cpp's decode tokens/s (``llama-bench -p 0 -n N``, one repetition)."""
-    out = run([bin_dir / "llama-bench", "-m", gguf, "-p", 0, "-n", new_tokens, "-t", threads, "-r", 1, "-o", "json"], log)
-    return float(json.loads(out)[0]["avg_ts"])
 
 
 def synthetic_dense(work: Path, tokenizer_dir: Path) -> Path:
@@ -145,18 +141,22 @@ def main() -> None:
                     help="also teacher-forced top-1 agreement of int8 and fp32 inputs over 2048 positions")
     ap.add_argument("--precisions", default=",".join(("int8", "fp32")), help="activation precisions to time")
     ap.add_argument("--no-eager", action="store_true", help="time the compiled decoding only (with --compile)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=FOLDER",
+                    help="time another packed folder beside the recipes (e.g. one written by an older version)")
     ap.add_argument("--synthetic", action="store_true",
                     help="a random model of TinyLlama-1.1B's shape (49152-token vocabulary, untied) instead of SmolLM2")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
     import compress
-    from compress.bench import PROMPT, decode_speed, greedy
+    from compress.bench import PROMPT, decode_speed, greedy, llama_cpp_speed
     from compress.kernels import ops as kops
     from compress.kernels.build import ops as compiled
 
     bin_dir = Path(subprocess.check_output(["bash", str(ROOT / "scripts" / "llama-cpp.sh")], text=True).strip())
+    os.environ["LLAMA_BENCH"] = str(bin_dir / "llama-bench")  # bench.llama_cpp_speed: llama-bench -p 0 -n N -t T
     q4, folders = prepare_models(args.work, bin_dir, args.synthetic)
+    folders.update(dict(spec.split("=", 1) for spec in args.also))
     torch.set_num_threads(args.threads)
     loaded = {name: compress.load(str(folder), with_tokenizer=True) for name, folder in folders.items()}
     ids = next(iter(loaded.values()))[1](PROMPT, return_tensors="pt").input_ids
@@ -170,7 +170,7 @@ def main() -> None:
         int(compiled().int8_isa())], "threads": args.threads, "new_tokens": args.new_tokens, "prompt": PROMPT,
         "llama_q4_0": {"file": q4.name, "bytes": q4.stat().st_size}, "rounds": []}
     for r in range(args.rounds):
-        row = {"llama.cpp Q4_0": llama_bench(bin_dir, q4, args.new_tokens, args.threads, args.work / "llama-bench.log")}
+        row = {"llama.cpp Q4_0": llama_cpp_speed(str(q4), PROMPT, args.new_tokens, args.threads, repeats=1)}
         for name, precision, compiled_ in contenders:
             kops.set_act_precision(precision)
             key = f"{name} ({precision} x{', compiled' if compiled_ else ''})"

@@ -6,7 +6,9 @@ its fast path; its fp32-input path is reported too), our dense W4 (group 128, sy
 our input-major activation-sparse product at 50% zero inputs (fp32 and bf16) next to the dense product of the
 same dtype, and our input-major W4 (the layout of packed linears with activation thresholds) at 0% and 50% zero
 inputs next to our row-major W4; and at group 32 (issue 25): our W4 with int8 inputs (integer dot products)
-and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI; portable elsewhere) and fp32 inputs. Also
+and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI; portable elsewhere) and fp32 inputs, and at
+group 64 W4 and 2:4 + W4 on int8 inputs. Integer-kernel layouts hold fp16 scales, as packed folders do; the
+fp32-input kernels read fp32 scales (what a product binds for them), and their bytes count those. Also
 the weight bytes each reads, the GB/s that makes, and the machine's read and copy bandwidth measured the same
 way. All variants of one shape run interleaved, round-robin, so a slower period of
 a shared machine hits them alike.
@@ -17,6 +19,7 @@ a shared machine hits them alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -33,16 +36,20 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 GROUP = 128
 
 
+def _fp32_scales(layout):
+    return dataclasses.replace(layout, scale=layout.scale.float())
+
+
 def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
     """name -> (callable, weight bytes read per call)."""
     k = ops()
     codes = torch.randint(-8, 8, (out, n_in), dtype=torch.int8, generator=gen)
     scale = torch.rand(out, n_in // GROUP, generator=gen) / 8
-    q4 = Q4Dense.pack(codes, scale, None, GROUP)
+    q4 = _fp32_scales(Q4Dense.pack(codes, scale, None, GROUP))  # the fp32-input kernels read fp32 scales
     im = Q4InputMajor.pack(codes, scale, None, GROUP)
     runs = codes.reshape(out, -1, 4).clone()
     runs[..., 2:] = 0  # any 2:4 pattern reads the same bytes
-    s24 = Q4Sparse24.pack(runs.reshape(out, n_in), scale, None, GROUP)
+    s24 = _fp32_scales(Q4Sparse24.pack(runs.reshape(out, n_in), scale, None, GROUP))
     W = torch.randn(out, n_in, generator=gen) / 64
     Wb = W.bfloat16()
     WT, WTb = W.t().contiguous(), Wb.t().contiguous()
@@ -52,9 +59,11 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
     x = torch.randn(1, n_in, generator=gen)
     xb = x.bfloat16()
     x50 = x * (torch.rand(1, n_in, generator=gen) < 0.5)
-    scale32 = torch.rand(out, n_in // 32, generator=gen) / 8
-    q4_32 = Q4Dense.pack(codes, scale32, None, 32)
+    scale32, scale64 = torch.rand(out, n_in // 32, generator=gen) / 8, torch.rand(out, n_in // 64, generator=gen) / 8
+    q4_32 = Q4Dense.pack(codes, scale32, None, 32)  # fp16 scales, as packed folders store them
     s24_32 = Q4Sparse24.pack(runs.reshape(out, n_in), scale32, None, 32)
+    q4_64, s24_64 = Q4Dense.pack(codes, scale64, None, 64), Q4Sparse24.pack(runs.reshape(out, n_in), scale64, None, 64)
+    q4_32f, s24_32f = _fp32_scales(q4_32), _fp32_scales(s24_32)
     int4_bytes = packed.numel() + scale_zero.numel() * 2
     return {
         "fp32 F.linear": (lambda: F.linear(x, W), W.numel() * 4),
@@ -67,11 +76,14 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
         "ours W4 g128 input-major act 50%": (lambda: k.q4_input_major_mm(x50, im.data, im.scale, im.zero, out, GROUP),
                                              im.nbytes // 2),
         "ours W4 g32 int8 x": (lambda: k.q4_dense_i8_mm(x, q4_32.data, q4_32.scale, q4_32.zero, out, 32), q4_32.nbytes),
-        "ours W4 g32 fp32 x": (lambda: k.q4_dense_mm(x, q4_32.data, q4_32.scale, q4_32.zero, out, 32), q4_32.nbytes),
+        "ours W4 g32 fp32 x": (lambda: k.q4_dense_mm(x, q4_32f.data, q4_32f.scale, q4_32f.zero, out, 32), q4_32f.nbytes),
         "ours 2:4 + W4 g32 int8 x": (lambda: k.q4_sparse24_i8_mm(x, s24_32.data, s24_32.pos, s24_32.scale, s24_32.zero, out, 32),
                                      s24_32.nbytes),
-        "ours 2:4 + W4 g32 fp32 x": (lambda: k.q4_sparse24_mm(x, s24_32.data, s24_32.pos, s24_32.scale, s24_32.zero, out, 32),
-                                     s24_32.nbytes),
+        "ours 2:4 + W4 g32 fp32 x": (lambda: k.q4_sparse24_mm(x, s24_32f.data, s24_32f.pos, s24_32f.scale, s24_32f.zero, out, 32),
+                                     s24_32f.nbytes),
+        "ours W4 g64 int8 x": (lambda: k.q4_dense_i8_mm(x, q4_64.data, q4_64.scale, q4_64.zero, out, 64), q4_64.nbytes),
+        "ours 2:4 + W4 g64 int8 x": (lambda: k.q4_sparse24_i8_mm(x, s24_64.data, s24_64.pos, s24_64.scale, s24_64.zero, out, 64),
+                                     s24_64.nbytes),
         "ours act-sparse 50% fp32": (lambda: k.act_sparse_mm(x50, WT), W.numel() * 2),
         "ours act-sparse 50% bf16": (lambda: k.act_sparse_mm(x50, WTb), W.numel()),
     }
@@ -129,6 +141,8 @@ def run(shapes, threads, repeats: int) -> dict:
                 "W4 g32 int8 x vs fp32 x": v["ours W4 g32 fp32 x"]["ms"] / v["ours W4 g32 int8 x"]["ms"],
                 "2:4+W4 g32 int8 x vs W4 g32 int8 x": v["ours W4 g32 int8 x"]["ms"] / v["ours 2:4 + W4 g32 int8 x"]["ms"],
                 "2:4+W4 g32 int8 x: share of read bandwidth": v["ours 2:4 + W4 g32 int8 x"]["GBps"] / bw["read_GBps"],
+                "2:4+W4 g64 int8 x vs W4 g64 int8 x": v["ours W4 g64 int8 x"]["ms"] / v["ours 2:4 + W4 g64 int8 x"]["ms"],
+                "2:4+W4 g64 int8 x vs W4 g32 int8 x": v["ours W4 g32 int8 x"]["ms"] / v["ours 2:4 + W4 g64 int8 x"]["ms"],
             }
             results["runs"].append(row)
             print(f"{out}x{n_in}:", flush=True)

@@ -8,8 +8,12 @@ slower period of a shared machine hits them alike. Decode speed excludes the pre
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
+import shutil
 import statistics
+import subprocess
 import time
 import weakref
 from pathlib import Path
@@ -143,7 +147,16 @@ def decode_speed(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: in
 
 
 def llama_cpp_speed(gguf: str, prompt: str, new_tokens: int, threads: int, repeats: int = 3) -> float | None:
-    """llama.cpp's greedy decode tokens/s on ``gguf`` (``llama-cpp-python``), or None when not installed."""
+    """llama.cpp's greedy decode tokens/s on ``gguf``: ``llama-bench -p 0 -n N -t T`` (the binary ``$LLAMA_BENCH``
+    names, or ``llama-bench`` on PATH; prompt-free, as llama.cpp reports decode), else llama-cpp-python on
+    ``prompt``; None when neither is installed."""
+    binary = os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench")
+    if binary:
+        out = subprocess.run([binary, "-m", gguf, "-p", "0", "-n", str(new_tokens), "-t", str(threads), "-r", str(repeats),
+                              "-o", "json"], capture_output=True, text=True)
+        if out.returncode == 0:
+            return float(json.loads(out.stdout)[0]["avg_ts"])
+        log.warning("%s failed on %s (%s); trying llama-cpp-python", binary, gguf, out.stderr.strip()[-200:])
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -160,6 +173,23 @@ def llama_cpp_speed(gguf: str, prompt: str, new_tokens: int, threads: int, repea
             llm(prompt, max_tokens=new_tokens, temperature=0.0)
             rates.append(new_tokens / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def speed_lines(measured: dict) -> list[str]:
+    """One thread count's GEMV table and decode rates (``run``'s ``by_threads`` entry), as printed."""
+    lines = [f"{'layer':<40}{'layout':>12}{'shape':>12}{'ours ms':>9}{'fp32 ms':>9}{'bf16 ms':>9}{'int4 ms':>9}{'GB/s':>7}"]
+    for r in measured["gemv"]:
+        ms = r["ms"]
+        lines.append(f"{r['layer']:<40}{r['layout']:>12}{'x'.join(map(str, r['shape'])):>12}{ms['ours']:>9.3f}"
+                     f"{ms['fp32']:>9.3f}{ms['bf16']:>9.3f}{ms.get('torch int4', float('nan')):>9.3f}{r['GBps']:>7.1f}")
+    rates, llama = measured["decode_tokens_per_s"], measured["llama_cpp_tokens_per_s"]
+    base = rates.get("dense original") or rates["dense export"]
+    lines += [f"decode {name:<27} {rate:7.1f} tokens/s  ({rate / base:.2f}x)" for name, rate in rates.items()]
+    if llama is not None:
+        best = max(rate for name, rate in rates.items() if name.startswith("compressed"))
+        lines.append(f"decode {'llama.cpp (GGUF)':<27} {llama:7.1f} tokens/s  ({llama / base:.2f}x); compressed "
+                     f"(fastest) is {best / llama:.2f}x llama.cpp")
+    return lines
 
 
 def generate(model: str, prompt: str, max_new_tokens: int = 32, *, threads: int | None = None, dtype: str = "auto",
@@ -197,10 +227,10 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, *, threads: int 
 
 
 def run(folder: Path, threads: tuple[int, ...] = (1, 2), new_tokens: int = 128, repeats: int = 3, prompt: str = PROMPT,
-        compile: bool = False) -> dict:
+        compile: bool = False, gguf: str | None = None) -> dict:
     """``compress bench``: per-layer GEMV and greedy decode speed of a compress output folder, against the dense
-    export of the same weights and the dense original (from compression.json), and llama.cpp on the original's
-    GGUF when llama-cpp-python is installed; per thread count.
+    export of the same weights and the dense original (from compression.json), and llama.cpp (``llama_cpp_speed``)
+    on ``gguf`` or else the original when it is a GGUF; per thread count.
 
     Raises:
         ValueError: a bad option, or a folder compress did not write.
@@ -209,6 +239,8 @@ def run(folder: Path, threads: tuple[int, ...] = (1, 2), new_tokens: int = 128, 
 
     if new_tokens < 2 or repeats < 1 or min(threads) < 1:
         raise ValueError(f"--new-tokens {new_tokens} must be >= 2, --repeats {repeats} and --threads {list(threads)} >= 1")
+    if gguf is not None and not Path(gguf).is_file():
+        raise ValueError(f"--gguf {gguf!r} is not a file: pass llama.cpp's GGUF of the same model")
     meta = export.read_metadata(folder)
     if meta is None:
         raise ValueError(f"{str(folder)!r} has no compression.json: pass a folder written by compress prune")
@@ -234,6 +266,7 @@ def run(folder: Path, threads: tuple[int, ...] = (1, 2), new_tokens: int = 128, 
                 greedy(m, ids, 2, compiled=True)
             compiled = decode_speed(contenders, ids, new_tokens, repeats, compiled=True)
             rates.update({f"{name} (compiled)": rate for name, rate in compiled.items()})
-        llama = llama_cpp_speed(source, prompt, new_tokens, n, repeats) if source and source.endswith(".gguf") else None
+        gguf = gguf or (source if source and source.endswith(".gguf") else None)
+        llama = llama_cpp_speed(gguf, prompt, new_tokens, n, repeats) if gguf else None
         results["by_threads"][n] = {"gemv": rows, "decode_tokens_per_s": rates, "llama_cpp_tokens_per_s": llama}
     return results

@@ -301,43 +301,27 @@ def bench(
     prompt: Annotated[str, typer.Option(help="Decode prompt.")] = PROMPT,
     compile: Annotated[bool, typer.Option("--compile", help="Also measure every model's decode through "
                                           "torch.compile (as compress generate --compile).")] = False,
+    gguf: Annotated[Optional[str], typer.Option(help="llama.cpp's GGUF of the same model to time (llama-bench: "
+                                                "$LLAMA_BENCH or on PATH; else llama-cpp-python).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Per-layer GEMV and end-to-end greedy decode speed of MODEL vs the dense original (from its
-    compression.json) and vs the dense export of the same compressed weights; llama.cpp on the original's GGUF
-    when llama-cpp-python is installed."""
+    compression.json) and vs the dense export of the same compressed weights; llama.cpp on --gguf (or on the
+    original when it is a GGUF)."""
     from compress import bench as speed
 
     _setup_logging(verbose)
     try:
-        results = speed.run(model, tuple(threads or (1, 2)), new_tokens, repeats, prompt, compile)
+        results = speed.run(model, tuple(threads or (1, 2)), new_tokens, repeats, prompt, compile, gguf)
     except ValueError as err:
         _fail(str(err))
     typer.echo(f"first 32 greedy tokens identical to the dense export of the same weights: "
                f"{results['same_first_32_tokens_as_dense_export']}")
     for n, measured in results["by_threads"].items():
-        typer.echo(f"\n{n} thread(s)")
-        _print_speed(measured)
+        typer.echo(f"\n{n} thread(s)\n" + "\n".join(speed.speed_lines(measured)))
     if json_out:
         _write_json(json_out, results)
-
-
-def _print_speed(measured: dict) -> None:
-    """One thread count's GEMV table and decode rates (``bench.run``'s ``by_threads`` entry)."""
-    typer.echo(f"{'layer':<40}{'layout':>12}{'shape':>12}{'ours ms':>9}{'fp32 ms':>9}{'bf16 ms':>9}{'int4 ms':>9}{'GB/s':>7}")
-    for r in measured["gemv"]:
-        ms = r["ms"]
-        typer.echo(f"{r['layer']:<40}{r['layout']:>12}{'x'.join(map(str, r['shape'])):>12}{ms['ours']:>9.3f}"
-                   f"{ms['fp32']:>9.3f}{ms['bf16']:>9.3f}{ms.get('torch int4', float('nan')):>9.3f}{r['GBps']:>7.1f}")
-    rates, llama = measured["decode_tokens_per_s"], measured["llama_cpp_tokens_per_s"]
-    base = rates.get("dense original") or rates["dense export"]
-    for name, rate in rates.items():
-        typer.echo(f"decode {name:<27} {rate:7.1f} tokens/s  ({rate / base:.2f}x)")
-    if llama is not None:
-        best = max(rate for name, rate in rates.items() if name.startswith("compressed"))
-        typer.echo(f"decode {'llama.cpp (GGUF)':<27} {llama:7.1f} tokens/s  ({llama / base:.2f}x); compressed "
-                   f"(fastest) is {best / llama:.2f}x llama.cpp")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 dense export of the same compressed weights computes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,6 +134,25 @@ def test_bench_measures_a_packed_folder_against_its_dense_twin_and_original(save
         n_out, n_in = r["shape"]
         dense_w4 = n_out * n_in // 2 + n_out * (n_in // r["group_size"]) * 2  # 4-bit codes + fp16 scales
         assert r["bytes"] < dense_w4  # 2:4 keeps half the codes, 2-bit positions for them
+
+
+def test_bench_times_llama_bench_on_a_gguf_beside_the_packed_model(saved_model, calib_txt, tmp_path, monkeypatch):
+    """``--gguf``: llama.cpp's decode speed from its own llama-bench (here a stand-in script that records its
+    arguments), at the same thread count and token count, printed with the ratio; a missing file exits 2."""
+    out, gguf, seen = tmp_path / "packed", tmp_path / "model-q4_0.gguf", tmp_path / "args.txt"
+    assert _prune(saved_model("llama"), out, calib_txt, "--quant", "w4g32", "--format", "packed").exit_code == 0
+    gguf.write_bytes(b"GGUF")
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {seen}\necho \'[{{"avg_ts": 123.5}}]\'\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_BENCH", str(fake))
+    result = runner.invoke(app, ["bench", str(out), "--threads", "1", "--new-tokens", "4", "--repeats", "1",
+                                 "--gguf", str(gguf)])
+    assert result.exit_code == 0, result.output
+    assert seen.read_text().split() == ["-m", str(gguf), "-p", "0", "-n", "4", "-t", "1", "-r", "1", "-o", "json"]
+    assert re.search(r"llama.cpp \(GGUF\) +123.5 tokens/s .*compressed \(fastest\) is [0-9.]+x llama.cpp", result.output)
+    missing = runner.invoke(app, ["bench", str(out), "--gguf", str(tmp_path / "none.gguf")])
+    assert missing.exit_code == 2 and "none.gguf" in missing.output and "is not a file" in missing.output
 
 
 @pytest.mark.parametrize("family", ["llama-tied", "llama"])

@@ -99,7 +99,8 @@ def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, 
         if fmt == "packed":  # kernels.formats: 16-row tiles, fp16 scales and unsigned zero points (fp32 input-major)
             rows = -(-n_out // TILE) * TILE
             scale_bytes = 4 if layer.act_target else PACKED_SCALE_DTYPE.itemsize
-            stored += rows * n_in * (3 if sparse24 and not layer.act_target else 4) // 8 + rows * groups * scale_bytes * (1 if symmetric else 2)
+            codes = rows * n_in * (3 if sparse24 and not layer.act_target else 4) // 8
+            stored += codes + rows * groups * scale_bytes * (1 if symmetric else 2)
             continue
         stored += n_out * math.ceil(n_in * layer.bits / 32) * 4 + n_out * groups * size + 2 * 8
         if not symmetric:
