@@ -37,7 +37,10 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 COMPRESS = [sys.executable, "-m", "compress.cli"]
 RECIPES = {  # name -> compress prune flags, each written --format packed
     "gptq-w4g32 + int4 lm_head": ["--quant", "w4g32", "--quant-lm-head"],
+    "gptq-w4g64 + int4 lm_head": ["--quant", "w4g64", "--quant-lm-head"],
     "sparsegpt-2:4 + gptq-w4g32 + int4 lm_head": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32",
+                                                  "--quant-lm-head"],
+    "sparsegpt-2:4 + gptq-w4g64 + int4 lm_head": ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g64",
                                                   "--quant-lm-head"],
 }
 # The synthetic model's weights are random: what counts is their bytes, so the cheapest methods that write the
@@ -137,6 +140,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time compiled decode steps (torch.compile)")
     ap.add_argument("--ppl", action="store_true", help="also each model's perplexity through compress eval")
+    ap.add_argument("--ppl-fp32", action="append", default=[], metavar="NAME",
+                    help="also this recipe's perplexity with fp32 inputs (the reference for int8 inputs)")
     ap.add_argument("--agreement", action="store_true",
                     help="also teacher-forced top-1 agreement of int8 and fp32 inputs over 2048 positions")
     ap.add_argument("--precisions", default=",".join(("int8", "fp32")), help="activation precisions to time")
@@ -186,7 +191,7 @@ def main() -> None:
     if args.ppl:
         results["ppl"] = {"llama.cpp Q4_0 (compress eval)": perplexity(q4, args.work, "llama-q4_0", "fp32")}
         for name, folder in folders.items():
-            for precision in kops.ACT_PRECISIONS:
+            for precision in ("int8", "fp32") if name in args.ppl_fp32 else ("int8",):
                 results["ppl"][f"{name} ({precision} x)"] = perplexity(folder, args.work, name, precision)
     if args.agreement:
         results["top1_agreement_int8_vs_fp32"] = {name: top1_agreement(folder) for name, folder in folders.items()}

@@ -211,7 +211,7 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, *, threads: int 
         torch.set_num_threads(threads)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if compile:
-        log.info("compiling the decode step (torch.compile, inductor)")
+        log.info("compiling the decode step (inductor)")
         start = time.perf_counter()
         greedy(lm, ids, 2, compiled=True)
         log.info("compiled in %.0f s", time.perf_counter() - start)
