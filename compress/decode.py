@@ -51,7 +51,7 @@ def _product(modules: list[nn.Module]):
         sizes = [m.out_features for m in modules]
         bias = None
         if any(m.bias is not None for m in modules):
-            bias = torch.cat([m.bias if m.bias is not None else m.bias.new_zeros(m.out_features) for m in modules])
+            bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
         return lambda x: (product(x) if bias is None else product(x) + bias).split(sizes, dim=-1)
     singles = []
     for m in modules:
@@ -133,9 +133,9 @@ class LeanDecoder:
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         T = ids.shape[1]
-        if ids.shape[0] != 1 or T + new_tokens > self.max_len:
-            raise ValueError(f"ids {tuple(ids.shape)} + {new_tokens} new tokens: batch 1 and at most {self.max_len} "
-                             "positions in all")
+        if ids.shape[0] != 1 or new_tokens < 1 or T + new_tokens > self.max_len:
+            raise ValueError(f"ids {tuple(ids.shape)} + {new_tokens} new tokens: batch 1, at least one new token and "
+                             f"at most {self.max_len} positions in all")
         window = getattr(self.model.config, "sliding_window", None)
         if window is not None and getattr(self.model.config, "use_sliding_window", True) and T + new_tokens > window:
             raise ValueError(f"{T + new_tokens} positions exceed the sliding window {window}: use generate")

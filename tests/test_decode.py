@@ -89,5 +89,8 @@ def test_lean_decoder_declines_what_it_does_not_run():
     with pytest.raises(ValueError, match="use transformers' generate"):
         decode.LeanDecoder(model, 16, compile=False)
     handle.remove()
+    lean = decode.LeanDecoder(model, 16, compile=False)
     with pytest.raises(ValueError, match=r"at most 16 positions"):
-        decode.LeanDecoder(model, 16, compile=False).generate(torch.zeros(1, 10, dtype=torch.long), 7)
+        lean.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match=r"at least one new token"):
+        lean.generate(torch.zeros(1, 10, dtype=torch.long), 0)
