@@ -43,21 +43,19 @@ def supports(model: nn.Module) -> bool:
 
 
 def _product(modules: list[nn.Module]):
-    """``x -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input: one packed product when they share one
-    (``kernels.fused``), else one each."""
-    shared = getattr(modules[0], "_shared", None)
-    if shared is not None and all(getattr(m, "_shared", (None,))[0] is shared[0] for m in modules):
-        product = shared[0]._product
+    """``x -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input: their shared packed product when they have
+    one (``kernels.fused``), else each its own."""
+    shared = getattr(modules[0], "shared", None)
+    if shared is not None and all(m.shared is shared for m in modules):
         sizes = [m.out_features for m in modules]
         bias = None
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
-        return lambda x: (product(x) if bias is None else product(x) + bias).split(sizes, dim=-1)
+        return lambda x: (shared.product(x) if bias is None else shared.product(x) + bias).split(sizes, dim=-1)
     singles = []
     for m in modules:
         if isinstance(m, PackedLinear):
-            p, b = ops.quantized_product(m.weight_packed), m.bias
-            singles.append(lambda x, p=p, b=b: p(x) if b is None else p(x) + b)
+            singles.append(lambda x, p=m.product, b=m.bias: p(x) if b is None else p(x) + b)
         else:
             singles.append(lambda x, m=m: F.linear(x, m.weight, m.bias))
     return lambda x: [f(x) for f in singles]

@@ -10,7 +10,6 @@ from compress.kernels import reference
 from compress.kernels.build import ops
 
 kernels = ops()
-best = int(kernels.isa()) if kernels is not None else None
 needs_kernels = pytest.mark.skipif(kernels is None, reason="compiled kernels unavailable")
 
 
@@ -22,26 +21,30 @@ def _attention_by_sdpa(q, keys, values, k_new, v_new, pos, scaling):
     return F.scaled_dot_product_attention(q.unsqueeze(1), k, v, scale=scaling).squeeze(1)
 
 
-@pytest.mark.parametrize(("H", "KV", "D", "max_len"), [(4, 2, 16, 8), (6, 3, 40, 33), (5, 5, 24, 17), (8, 1, 72, 64),
-                                                       (9, 3, 64, 40), (4, 2, 128, 23)])
-def test_decode_attention_matches_sdpa_at_every_cache_fill(H, KV, D, max_len):
-    """The reference and the kernel (each ISA path) against SDPA, head sizes with and without vector tails,
-    cache fills with and without a tail of the exp's vector width."""
+ATTENTION_SHAPES = [(4, 2, 16, 8), (6, 3, 40, 33), (5, 5, 24, 17), (8, 1, 72, 64), (9, 3, 64, 40), (4, 2, 128, 23)]
+
+
+def _attention_cases(H, KV, D, max_len):
+    """Random inputs, at cache fills with and without a tail of the exp's vector width: (args, SDPA's answer)."""
     g = torch.Generator().manual_seed(H * D)
     q, k_new, v_new = torch.randn(H, D, generator=g), torch.randn(KV, D, generator=g), torch.randn(KV, D, generator=g)
     keys, values = torch.randn(KV, max_len, D, generator=g), torch.randn(KV, max_len, D, generator=g)
     for pos in sorted({p for p in (0, 1, 7, 15, 16, max_len // 2, max_len) if p <= max_len}):
         want = _attention_by_sdpa(q, keys, values, k_new, v_new, pos, D ** -0.5)
-        at = torch.tensor(pos)
-        torch.testing.assert_close(reference.decode_attention(q, keys, values, k_new, v_new, at, D ** -0.5), want)
-        if kernels is not None:
-            for level in range(int(kernels.isa()), -1, -1):  # every ISA path this CPU has
-                kernels.set_isa(level)
-                try:
-                    got = kernels.decode_attention(q, keys, values, k_new, v_new, at, D ** -0.5)
-                finally:
-                    kernels.set_isa(best)
-                torch.testing.assert_close(got, want, msg=lambda m, level=level: f"ISA level {level}: {m}")
+        yield (q, keys, values, k_new, v_new, torch.tensor(pos), D ** -0.5), want
+
+
+@pytest.mark.parametrize(("H", "KV", "D", "max_len"), ATTENTION_SHAPES)
+def test_decode_attention_reference_matches_sdpa_at_every_cache_fill(H, KV, D, max_len):
+    for args, want in _attention_cases(H, KV, D, max_len):
+        torch.testing.assert_close(reference.decode_attention(*args), want)
+
+
+@pytest.mark.parametrize(("H", "KV", "D", "max_len"), ATTENTION_SHAPES)
+def test_decode_attention_kernel_matches_sdpa_at_every_cache_fill(isa, H, KV, D, max_len):
+    """Each ISA path the CPU has; head sizes with and without vector tails."""
+    for args, want in _attention_cases(H, KV, D, max_len):
+        torch.testing.assert_close(isa.decode_attention(*args), want)
 
 
 @needs_kernels

@@ -22,7 +22,8 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # names o
 
 
 class SharedProduct:
-    """One product for several members: ``output(x, i)`` is member ``i``'s ``x Wᵢᵀ`` (fp32, no bias)."""
+    """One product for several members: ``product(x)`` is every member's ``x Wᵢᵀ`` side by side (fp32, no bias),
+    ``output(x, i)`` member ``i``'s."""
 
     def __init__(self, members: list[PackedLinear]):
         weights = [m.weight_packed for m in members]
@@ -30,7 +31,7 @@ class SharedProduct:
         parts = {p: None if getattr(weights[0], p) is None else torch.cat([getattr(w, p) for w in weights])
                  for p in PARTS if hasattr(weights[0], p)}  # the layout's tensors (zero: None when symmetric)
         out = sum(m.out_features for m in members)
-        self._product = ops.quantized_product(layout(**parts, shape=(out, members[0].in_features),
+        self.product = ops.quantized_product(layout(**parts, shape=(out, members[0].in_features),
                                                      group_size=members[0].group_size))
         self.bounds, start = [], 0
         for m in members:
@@ -46,7 +47,7 @@ class SharedProduct:
     def output(self, x: torch.Tensor, i: int) -> torch.Tensor:
         version = -2 if x.is_inference() else x._version  # inference tensors track no version: identity alone
         if x is not self._x or version != self._version or i in self._taken:
-            self._y = self._product(x)
+            self._y = self.product(x)
             self._x, self._version, self._taken = x, version, set()
         y = self._y
         self._taken.add(i)

@@ -39,6 +39,18 @@ class PackedLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     @property
+    def product(self):
+        """``x -> x Wᵀ`` (fp32, no bias) on this layer's own weights: ``ops.quantized_product``, bound once."""
+        if self._product is None:
+            self._product = ops.quantized_product(self.weight_packed)
+        return self._product
+
+    @property
+    def shared(self):
+        """The ``fused.SharedProduct`` this layer is a member of, or None."""
+        return self._shared[0] if self._shared is not None else None
+
+    @property
     def weight_packed(self) -> Q4Dense | Q4Sparse24 | Q4InputMajor:
         return self.layout(**{p: getattr(self, f"packed_{p}") for p in self.parts},
                            shape=(self.out_features, self.in_features), group_size=self.group_size)
@@ -47,9 +59,7 @@ class PackedLinear(nn.Module):
         if self._shared is not None and not torch.compiler.is_compiling():  # compiled graphs take one product each
             y = self._shared[0].output(x, self._shared[1])
         else:
-            if self._product is None:
-                self._product = ops.quantized_product(self.weight_packed)
-            y = self._product(x)
+            y = self.product(x)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y + self.bias if self.bias is not None else y

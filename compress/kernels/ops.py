@@ -81,12 +81,13 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         args = (w.data, w.scale, w.zero, out, w.group_size)
         unpack = k and (lambda: k.q4_unpack(w.data, None, w.scale, w.zero, out, w.group_size))
 
-    fp32_args = []  # the fp32-input kernels read fp32 scales: fp16 ones (issue 25's step 0) converted once, if used
+    fp32_args = None  # the fp32-input kernels read fp32 scales: fp16 ones (issue 25's step 0) converted once, if used
 
     def gemv_args() -> tuple:
-        if not fp32_args:
-            fp32_args.extend(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-        return tuple(fp32_args)
+        nonlocal fp32_args
+        if fp32_args is None:
+            fp32_args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        return fp32_args
 
     def product(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, n_in)

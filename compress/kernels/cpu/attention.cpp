@@ -50,13 +50,17 @@ __attribute__((target("avx512f"))) inline float dot_avx512(const float* a, const
   return s;
 }
 
+__attribute__((target("avx2"))) inline float sum_avx2(__m256 v) {  // the 8 lanes' sum
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
 __attribute__((target("avx2,fma"))) inline float dot_avx2(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  float s = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+  float s = sum_avx2(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -147,9 +151,7 @@ __attribute__((target("avx2,fma"))) inline float exp_sum_avx2(float* w, int64_t 
     _mm256_storeu_ps(w + t, e);
     total = _mm256_add_ps(total, e);
   }
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  float sum = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+  float sum = sum_avx2(total);
   for (; t < n; ++t) sum += w[t] = std::exp(w[t] - top);
   return sum;
 }
