@@ -6,11 +6,12 @@ output, in Q8_0 as llama.cpp chooses); compress prunes the same folder into pack
 calibration 128 x 512 tokens of WikiText-2 valid.txt). Each round runs ``llama-bench -p 0 -n N -t T -r 1`` on the
 Q4_0 file, then each packed model's greedy decode of N tokens after a short prompt through ``compress.load``
 (``bench.decode_speed``: prefill excluded; eager = transformers' generate, ``--compile`` = the lean decoder's
-compiled step), with int8 inputs to the integer kernels and with fp32 inputs, all at T threads. Figures are
+compiled step), with int8 inputs to the integer kernels (``--precisions``: also int8x2, two int8 roundings)
+and with fp32 inputs, all at T threads. Figures are
 medians over ``--rounds`` interleaved rounds; ratios are ours / llama.cpp's tokens/s from the same rounds.
 ``--ppl`` adds each model's perplexity through ``compress eval`` (50 windows of 1024 of WikiText-2 test;
 llama.cpp's file read by transformers' GGUF loader), ``--agreement`` the teacher-forced top-1 agreement of int8
-and fp32 inputs. ``--synthetic`` replaces SmolLM2 by a random model of TinyLlama-1.1B's shape (RTN recipes: its
+(and int8x2) inputs with fp32 ones. ``--synthetic`` replaces SmolLM2 by a random model of TinyLlama-1.1B's shape (RTN recipes: its
 weights only have to be the right bytes), where reading weights, not overhead, bounds decode.
 
     python benchmarks/decode_vs_llama.py --work /tmp/decode-work --json benchmarks/results/decode-vs-llama.json
@@ -113,10 +114,10 @@ def perplexity(model: Path, work: Path, name: str, precision: str) -> float:
     return json.loads(out.read_text())["ppl"]
 
 
-def top1_agreement(folder: Path, positions: int = 2048, window: int = 1024) -> float:
-    """Teacher-forced: the share of the first ``positions`` tokens of WikiText-2 test (windows of ``window``) at
-    which ``folder``'s next-token argmax is the same with int8 and with fp32 inputs to its products (prefill
-    rounds its input per block of 32 exactly as the decode kernels do)."""
+def top1_agreement(folder: Path, positions: int = 2048, window: int = 1024) -> dict[str, float]:
+    """Teacher-forced, per integer activation precision (int8, int8x2): the share of the first ``positions``
+    tokens of WikiText-2 test (windows of ``window``) at which ``folder``'s next-token argmax is the same as with
+    fp32 inputs to its products (prefill rounds its input per block of 32 exactly as the decode kernels do)."""
     import compress
     from compress.kernels import ops as kops
 
@@ -128,7 +129,7 @@ def top1_agreement(folder: Path, positions: int = 2048, window: int = 1024) -> f
         with torch.inference_mode():
             picks[precision] = torch.cat([model(w.unsqueeze(0)).logits[0].argmax(-1) for w in ids.split(window)])
     kops.set_act_precision("int8")
-    return float((picks["int8"] == picks["fp32"]).float().mean())
+    return {p: float((picks[p] == picks["fp32"]).float().mean()) for p in kops.ACT_PRECISIONS if p != "fp32"}
 
 
 def main() -> None:
@@ -141,10 +142,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time compiled decode steps (torch.compile)")
     ap.add_argument("--ppl", action="store_true", help="also each model's perplexity through compress eval")
     ap.add_argument("--ppl-fp32", action="append", default=[], metavar="NAME",
-                    help="also this recipe's perplexity with fp32 inputs (the reference for int8 inputs)")
+                    help="also this recipe's perplexity with int8x2 and fp32 inputs (fp32: the reference)")
     ap.add_argument("--agreement", action="store_true",
-                    help="also teacher-forced top-1 agreement of int8 and fp32 inputs over 2048 positions")
-    ap.add_argument("--precisions", default=",".join(("int8", "fp32")), help="activation precisions to time")
+                    help="also teacher-forced top-1 agreement of int8 (and int8x2) with fp32 inputs over 2048 positions")
+    ap.add_argument("--precisions", default=",".join(("int8", "fp32")), help="activation precisions to time (int8, int8x2, fp32)")
     ap.add_argument("--no-eager", action="store_true", help="time the compiled decoding only (with --compile)")
     ap.add_argument("--also", action="append", default=[], metavar="NAME=FOLDER",
                     help="time another packed folder beside the recipes (e.g. one written by an older version)")
@@ -191,17 +192,18 @@ def main() -> None:
     if args.ppl:
         results["ppl"] = {"llama.cpp Q4_0 (compress eval)": perplexity(q4, args.work, "llama-q4_0", "fp32")}
         for name, folder in folders.items():
-            for precision in ("int8", "fp32") if name in args.ppl_fp32 else ("int8",):
+            for precision in kops.ACT_PRECISIONS if name in args.ppl_fp32 else ("int8",):
                 results["ppl"][f"{name} ({precision} x)"] = perplexity(folder, args.work, name, precision)
     if args.agreement:
-        results["top1_agreement_int8_vs_fp32"] = {name: top1_agreement(folder) for name, folder in folders.items()}
+        results["top1_agreement_vs_fp32"] = {name: top1_agreement(folder) for name, folder in folders.items()}
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     for k in names:
         print(f"{k:<60} {median[k]:7.1f} tok/s  {results['ratio_to_llama'][k]:5.2f}x llama.cpp", flush=True)
     for k, v in results.get("ppl", {}).items():
         print(f"ppl {k:<56} {v:7.3f}", flush=True)
-    for k, v in results.get("top1_agreement_int8_vs_fp32", {}).items():
-        print(f"top-1 agreement, int8 vs fp32 inputs, {k:<40} {v:.4f}", flush=True)
+    for k, by_precision in results.get("top1_agreement_vs_fp32", {}).items():
+        for precision, v in by_precision.items():
+            print(f"top-1 agreement with fp32 inputs, {precision:<6} x, {k:<40} {v:.4f}", flush=True)
 
 
 if __name__ == "__main__":

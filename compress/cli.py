@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,11 +24,26 @@ app = typer.Typer(
 log = logging.getLogger("compress")
 
 METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in prune_methods.METHODS.values())
+ActPrecision = Annotated[Optional[str], typer.Option(help="Inputs of the packed kernels' products: int8 (rounded per "
+                                                     "block of 32, integer dot products, as llama.cpp's Q8_0), int8x2 "
+                                                     "(two int8 roundings, ~15 bits, slower), fp32 (the reference). "
+                                                     "Default: $COMPRESS_ACT_PRECISION, else int8.")]
 
 
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _set_act_precision(precision: str | None) -> None:
+    from compress.kernels import ops
+
+    env = os.environ.get(ops.ACT_ENV)
+    try:
+        if precision is not None or env is not None:
+            ops.set_act_precision(precision or env)
+    except ValueError as err:
+        _fail(f"--act-precision: {err}" if precision else f"{ops.ACT_ENV}: {err}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -193,23 +207,9 @@ def _on_command_line(ctx: typer.Context, name: str) -> bool:
 
 
 def _print_prune_summary(report, out: Path, storage: dict) -> None:
-    """One row per kind of linear (q_proj, down_proj, ...) over all blocks, then the totals."""
-    from compress.reports import weighted_sparsity
+    from compress.reports import kind_table
 
-    kinds: dict[str, list] = {}
-    for layer in report.layers:
-        kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer.name), []).append(layer)
-    typer.echo(f"\n{'linear':<24}{'count':>6}{'sparsity':>10}{'bits':>6}{'act.sparsity':>13}{'rel.error':>11}"
-               f"{'worst':>9}{'seconds':>9}")
-    for kind, layers in [*kinds.items(), ("all", report.layers)]:
-        sparsity = weighted_sparsity(layers)
-        error = sum(r.rel_error for r in layers) / len(layers)
-        bits = {r.bits for r in layers}
-        bits_text = "-" if bits == {None} else "/".join(str(b) for b in sorted(b for b in bits if b))
-        acts = [r.act_sparsity for r in layers if r.act_sparsity is not None]
-        act_text = f"{sum(acts) / len(acts):.4f}" if acts else "-"
-        typer.echo(f"{kind:<24}{len(layers):>6}{sparsity:>10.4f}{bits_text:>6}{act_text:>13}{error:>11.4f}"
-                   f"{max(r.rel_error for r in layers):>9.4f}{sum(r.seconds for r in layers):>9.1f}")
+    typer.echo("\n" + "\n".join(kind_table(report.layers)))
     typer.echo(f"\ncompressed linears: {storage['linears_stored'] / 2**20:.1f} MiB stored vs "
                f"{storage['linears_dense'] / 2**20:.1f} MiB dense ({storage['format']})")
     typer.echo(f"{report.recipe}: {report.seconds:.1f} s in the pipeline; wrote {out}")
@@ -230,6 +230,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Windows / requests per forward.")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16.")] = "auto",
+    act_precision: ActPrecision = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -238,6 +239,7 @@ def evaluate(
     from compress.evals.perplexity import PROTOCOL
 
     _setup_logging(verbose)
+    _set_act_precision(act_precision)
     try:
         out = run_eval(model, ppl, [t.strip() for t in (tasks or "").split(",") if t.strip()],
                        include_path=include_path, num_fewshot=num_fewshot, seed=seed, offline=offline, seqlen=seqlen,
@@ -277,12 +279,14 @@ def generate(
                                           "cache: llama, mistral, qwen2 as one function per token (compiles once, "
                                           "15-60 s on a CPU; ~3x faster on small models, whose eager decode is "
                                           "mostly Python).")] = False,
+    act_precision: ActPrecision = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Greedy continuation of PROMPT by MODEL as compress.load runs it, with the decode speed."""
     from compress.bench import generate as run_generate
 
     _setup_logging(verbose)
+    _set_act_precision(act_precision)
     try:
         out = run_generate(model, prompt, max_new_tokens, threads=threads, dtype=dtype, compile=compile)
     except ValueError as err:
@@ -304,6 +308,7 @@ def bench(
                                           "the compiled step (as compress generate --compile).")] = False,
     gguf: Annotated[Optional[str], typer.Option(help="llama.cpp's GGUF of the same model to time (llama-bench: "
                                                 "$LLAMA_BENCH or on PATH; else llama-cpp-python).")] = None,
+    act_precision: ActPrecision = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -313,6 +318,7 @@ def bench(
     from compress import bench as speed
 
     _setup_logging(verbose)
+    _set_act_precision(act_precision)
     try:
         results = speed.run(model, tuple(threads or (1, 2)), new_tokens, repeats, prompt, compile, gguf)
     except ValueError as err:

@@ -3,6 +3,7 @@ them, and the exports, which write them, import."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -106,3 +107,21 @@ def weighted_sparsity(layers: list[LayerReport]) -> float:
     """Fraction of zeros over the weights of ``layers`` (each counted by its size)."""
     total = sum(r.shape[0] * r.shape[1] for r in layers)
     return sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers) / max(total, 1)
+
+
+def kind_table(layers: list[LayerReport]) -> list[str]:
+    """One row per kind of linear (q_proj, down_proj, ...) over all blocks, then the totals: the lines printed."""
+    kinds: dict[str, list[LayerReport]] = {}
+    for layer in layers:
+        kinds.setdefault(re.sub(r"^.*?\.\d+\.", "", layer.name), []).append(layer)
+    lines = [f"{'linear':<24}{'count':>6}{'sparsity':>10}{'bits':>6}{'act.sparsity':>13}{'rel.error':>11}"
+             f"{'worst':>9}{'seconds':>9}"]
+    for kind, group in [*kinds.items(), ("all", layers)]:
+        error = sum(r.rel_error for r in group) / len(group)
+        bits = {r.bits for r in group}
+        bits_text = "-" if bits == {None} else "/".join(str(b) for b in sorted(b for b in bits if b))
+        acts = [r.act_sparsity for r in group if r.act_sparsity is not None]
+        act_text = f"{sum(acts) / len(acts):.4f}" if acts else "-"
+        lines.append(f"{kind:<24}{len(group):>6}{weighted_sparsity(group):>10.4f}{bits_text:>6}{act_text:>13}"
+                     f"{error:>11.4f}{max(r.rel_error for r in group):>9.4f}{sum(r.seconds for r in group):>9.1f}")
+    return lines

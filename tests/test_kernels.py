@@ -100,8 +100,9 @@ def test_quantized_kernels_match_the_reference(isa, shape, symmetric):
                    reference.q4_sparse24_mm(x, sparse))
         for precision in kops.ACT_PRECISIONS:  # the product binds fp32 copies of fp16 scales for the fp32 kernels
             kops.set_act_precision(precision)
-            integer = precision == "int8" and group % 32 == 0
-            _close(kops.quantized_product(dense)(x), (reference.q4_dense_i8_mm if integer else reference.q4_dense_mm)(x, dense))
+            levels = kops.ACT_LEVELS[precision] if group % 32 == 0 else 0
+            expected = reference.q4_dense_i8_mm(x, dense, levels) if levels else reference.q4_dense_mm(x, dense)
+            _close(kops.quantized_product(dense)(x), expected)
         kops.set_act_precision("int8")
 
 
@@ -118,10 +119,11 @@ def test_integer_kernel_matches_its_reference(isa, shape, symmetric):
             1, 1, 32).reshape(batch, n_in)  # block magnitudes over four orders
         x[0, :32] = 0  # a block of zeros: scale 0
         x[-1, 5] = 1e4  # an outlier: the rest of its block rounds to few levels
-        y = isa.q4_dense_i8_mm(x, dense.data, dense.scale, dense.zero, out, group)
-        _close(y, reference.q4_dense_i8_mm(x, dense))
         old = _fp32_scales(dense)  # fp32 storage of the same scales: the same products, bit for bit
-        assert torch.equal(isa.q4_dense_i8_mm(x, old.data, old.scale, old.zero, out, group), y)
+        for levels in (1, 2):
+            y = isa.q4_dense_i8_mm(x, dense.data, dense.scale, dense.zero, out, group, levels)
+            _close(y, reference.q4_dense_i8_mm(x, dense, levels))
+            assert torch.equal(isa.q4_dense_i8_mm(x, old.data, old.scale, old.zero, out, group, levels), y)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -135,10 +137,11 @@ def test_sparse_integer_kernel_matches_its_reference(isa, shape, symmetric):
     for batch in (1, 2, 3, 4, 7, 16):
         x = torch.randn(batch, n_in, generator=gen) * torch.rand(batch, n_in, generator=gen).mul(4).exp()
         x[0, 32:64] = 0
-        y = isa.q4_sparse24_i8_mm(x, sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group)
-        _close(y, reference.q4_sparse24_i8_mm(x, sparse))
         old = _fp32_scales(sparse)
-        assert torch.equal(isa.q4_sparse24_i8_mm(x, old.data, old.pos, old.scale, old.zero, out, group), y)
+        for levels in (1, 2):
+            y = isa.q4_sparse24_i8_mm(x, sparse.data, sparse.pos, sparse.scale, sparse.zero, out, group, levels)
+            _close(y, reference.q4_sparse24_i8_mm(x, sparse, levels))
+            assert torch.equal(isa.q4_sparse24_i8_mm(x, old.data, old.pos, old.scale, old.zero, out, group, levels), y)
 
 
 def test_integer_kernel_rounds_the_input_exactly_as_the_reference(isa):
@@ -153,6 +156,21 @@ def test_integer_kernel_rounds_the_input_exactly_as_the_reference(isa):
     y = isa.q4_dense_i8_mm(x, dense.data, dense.scale, None, n, 32)
     assert torch.equal(y, reference.int8_rows(x))
     assert not torch.equal(y, x) and float((y - x).abs().max()) <= float(x.abs().max()) / 127 / 2 * 1.0001
+    y2 = isa.q4_dense_i8_mm(x, dense.data, dense.scale, None, n, 32, 2)  # the second level rounds what the first left
+    assert torch.equal(y2, reference.int8_rows(x, levels=2))
+    assert float((y2 - x).abs().max()) <= float(x.abs().max()) / 127 / 2 / 127 / 2 * 1.0001
+
+
+def test_two_level_rounding_is_closer_to_fp32_inputs(isa):
+    """int8x2 rounds what int8 left over: on inputs with an outlier per block its product is two orders of
+    magnitude closer to the fp32-input product than int8's."""
+    codes, grid, W = _quantized(64, 512, 32, True)
+    dense = Q4Dense.pack(codes, grid.scale, grid.zero, 32)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(9))
+    x[:, ::32] *= 60  # one outlier per block: the others round to a few int8 levels
+    exact = x @ W.t()
+    one, two = (isa.q4_dense_i8_mm(x, dense.data, dense.scale, dense.zero, 64, 32, levels) for levels in (1, 2))
+    assert float((two - exact).abs().max()) < float((one - exact).abs().max()) / 100
 
 
 def test_act_precision_chooses_the_gemv_path():
@@ -165,12 +183,15 @@ def test_act_precision_chooses_the_gemv_path():
     _close(kops.q4_dense_mm(x, packed), reference.q4_dense_i8_mm(x, packed))
     _close(kops.q4_dense_mm(big, packed), reference.int8_rows(big.reshape(40, 256)).reshape(big.shape) @ W.t())
     try:
+        kops.set_act_precision("int8x2")
+        _close(kops.q4_dense_mm(x, packed), reference.q4_dense_i8_mm(x, packed, 2))
+        _close(kops.q4_dense_mm(big, packed), reference.int8_rows(big.reshape(40, 256), levels=2).reshape(big.shape) @ W.t())
         kops.set_act_precision("fp32")
         _close(kops.q4_dense_mm(x, packed), x @ W.t())
         _close(kops.q4_dense_mm(big, packed), big @ W.t())
     finally:
         kops.set_act_precision("int8")
-    with pytest.raises(ValueError, match="'int4': use one of int8, fp32"):
+    with pytest.raises(ValueError, match="'int4': use one of int8, int8x2, fp32"):
         kops.set_act_precision("int4")
     codes16, grid16, W16 = _quantized(64, 256, 16, True)
     g16 = Q4Dense.pack(codes16, grid16.scale, None, 16)

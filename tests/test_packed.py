@@ -110,6 +110,16 @@ def test_generate_runs_a_packed_folder_on_the_kernels(saved_model, calib_txt, tm
     assert result.output.startswith("the of and") and "5 new tokens" in result.output
     bad = runner.invoke(app, ["generate", str(out), "x", "--max-new-tokens", "0"])
     assert bad.exit_code == 2 and "--max-new-tokens 0 must be at least 1" in bad.output
+    bad = runner.invoke(app, ["generate", str(out), "x", "--act-precision", "int4"])
+    assert bad.exit_code == 2 and "act precision 'int4': use one of int8, int8x2, fp32" in bad.output
+    bad = runner.invoke(app, ["generate", str(out), "x"], env={"COMPRESS_ACT_PRECISION": "fp16"})
+    assert bad.exit_code == 2 and "COMPRESS_ACT_PRECISION: act precision 'fp16'" in bad.output
+    try:
+        for precision in ("int8x2", "fp32"):
+            result = runner.invoke(app, ["generate", str(out), "the of and", "--max-new-tokens", "3", "--act-precision", precision])
+            assert result.exit_code == 0 and kops.act_precision() == precision, result.output
+    finally:
+        kops.set_act_precision("int8")
 
 
 def test_bench_measures_a_packed_folder_against_its_dense_twin_and_original(saved_model, calib_txt, tmp_path):
@@ -211,6 +221,11 @@ def test_compiled_decoding_gives_the_eager_tokens(recipe, saved_model, calib_txt
         zeros, total = eager_counts[name]
         assert int(h.total) == 2 * total and int(h.zeros) == pytest.approx(2 * zeros, rel=0.01)
     assert torch.equal(greedy(model, ids, 7, compiled=True), eager[:7])  # same bucket: no recompile needed
+    kops.set_act_precision("int8x2")  # a step of its own, compiled for the two-level rounding
+    try:
+        assert torch.equal(greedy(model, ids, 12, compiled=True), greedy(model, ids, 12))
+    finally:
+        kops.set_act_precision("int8")
     result = runner.invoke(app, ["generate", str(out), "the of and", "--max-new-tokens", "4", "--compile"])
     assert result.exit_code == 0, result.output
     assert "4 new tokens" in result.output

@@ -81,8 +81,12 @@ def _traceable(lib):
         def rows(x, *args):  # (batch, in) -> (batch, out); ``out`` is the second-to-last argument
             return x.new_empty(x.shape[0], args[-2])
 
-        for op in ("q4_dense_mm", "q4_dense_i8_mm", "q4_sparse24_mm", "q4_sparse24_i8_mm", "q4_input_major_mm"):
+        for op in ("q4_dense_mm", "q4_sparse24_mm", "q4_input_major_mm"):
             torch.library.register_fake(f"{NAME}::{op}")(rows)
+        torch.library.register_fake(f"{NAME}::q4_dense_i8_mm")(
+            lambda x, data, scale, zero, out, group, levels=1: x.new_empty(x.shape[0], out))
+        torch.library.register_fake(f"{NAME}::q4_sparse24_i8_mm")(
+            lambda x, data, pos, scale, zero, out, group, levels=1: x.new_empty(x.shape[0], out))
         torch.library.register_fake(f"{NAME}::act_sparse_mm")(lambda x, wt: x.new_empty(x.shape[0], wt.shape[1]))
         torch.library.register_fake(f"{NAME}::q4_unpack")(
             lambda data, pos, scale, zero, out, group: scale.new_empty(out, data.shape[1] * (4 if pos is not None else 2)))

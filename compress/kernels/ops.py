@@ -3,9 +3,10 @@
 
 ``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``. The GEMV kernels of ``Q4Dense``
 weights with groups of 32·k (and of ``Q4Sparse24`` ones where the CPU has AVX-512 VNNI) round their input to
-int8 per block of 32 and take integer dot products (``act_precision`` ``int8``, the default), and prefill rounds
-its input the same way before the BLAS product, so a perplexity measures what decode computes; ``fp32`` keeps
-the input in fp32 (the reference the int8 path is measured against; also ``COMPRESS_ACT_PRECISION=fp32``).
+int8 per block of 32 and take integer dot products (``act_precision`` ``int8``, the default; ``int8x2`` rounds
+twice, the second int8 level taking what the first left over), and prefill rounds its input the same way before
+the BLAS product, so a perplexity measures what decode computes; ``fp32`` keeps the input in fp32 (the
+reference the integer paths are measured against). ``COMPRESS_ACT_PRECISION`` sets the starting choice.
 Without the compiled kernels (or off the CPU) inputs stay fp32.
 """
 
@@ -20,19 +21,24 @@ from compress.kernels.build import ops
 from compress.kernels.formats import Q4Dense, Q4InputMajor, Q4Sparse24
 
 MAX_KERNEL_BATCH = 16  # the C++ kernels' limit; above it a dequantized BLAS product is as fast
-ACT_PRECISIONS = ("int8", "fp32")
-_act = {"precision": os.environ.get("COMPRESS_ACT_PRECISION", "int8")}
+ACT_LEVELS = {"int8": 1, "int8x2": 2, "fp32": 0}  # int8 roundings of each input; 0: none (fp32 kernels)
+ACT_PRECISIONS = tuple(ACT_LEVELS)
+ACT_ENV = "COMPRESS_ACT_PRECISION"
+_act = {"precision": os.environ.get(ACT_ENV, "int8")}  # checked where it is used: the compress command exits 2
 
 
 def set_act_precision(precision: str) -> None:
     """``int8``: the GEMV kernels round their input to int8 per block of 32 (integer dot products, as
-    llama.cpp's Q8_0 activations); ``fp32``: they multiply the fp32 input (the reference path)."""
+    llama.cpp's Q8_0 activations); ``int8x2``: twice, ``x ≈ d₁q₁ + d₂q₂`` (~15 bits; the weights are read once,
+    the integer dot products double); ``fp32``: they multiply the fp32 input (the reference path)."""
     if precision not in ACT_PRECISIONS:
         raise ValueError(f"act precision {precision!r}: use one of {', '.join(ACT_PRECISIONS)}")
     _act["precision"] = precision
 
 
 def act_precision() -> str:
+    if _act["precision"] not in ACT_LEVELS:
+        raise ValueError(f"{ACT_ENV}={_act['precision']!r}: use one of {', '.join(ACT_PRECISIONS)}")
     return _act["precision"]
 
 
@@ -93,12 +99,13 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         x2 = x.reshape(-1, n_in)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
+        levels = ACT_LEVELS[act_precision()] if integer else 0
         if k is None or x2.device.type != "cpu":
             y = fallback(x2, w)
         elif x2.shape[0] <= MAX_KERNEL_BATCH:
-            y = integer(x2, *args) if integer and _act["precision"] == "int8" else gemv(x2, *gemv_args())
+            y = integer(x2, *args, levels) if levels else gemv(x2, *gemv_args())
         else:  # prefill: one BLAS product, its input rounded as the integer kernel rounds it
-            y = (reference.int8_rows(x2) if integer and _act["precision"] == "int8" else x2) @ unpack().t()
+            y = (reference.int8_rows(x2, levels=levels) if levels else x2) @ unpack().t()
         return y.reshape(*x.shape[:-1], out)
 
     return product

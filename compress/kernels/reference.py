@@ -15,26 +15,31 @@ def q4_dense_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
     return x @ w.unpack().t()
 
 
-def int8_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+def int8_rows(x: torch.Tensor, block: int = 32, levels: int = 1) -> torch.Tensor:
     """``x`` ``(batch, in)`` as the integer kernels see it: per row and block of ``block`` inputs,
-    ``d = max|x| / 127``, ``q = round(x · (1/d))`` (ties to even), returned dequantized, ``q · d``."""
-    blocks = x.reshape(x.shape[0], -1, block)  # (batch, blocks, block)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    return (torch.round(blocks * inv) * d).reshape(x.shape)
+    ``d = max|x| / 127``, ``q = round(x · (1/d))`` (ties to even), returned dequantized, ``q · d``; with
+    ``levels`` 2, plus the same rounding of what the first left over (``x - q · d``)."""
+    left = x.reshape(x.shape[0], -1, block)  # (batch, blocks, block)
+    total = torch.zeros_like(left)
+    for _ in range(levels):
+        d = left.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        rounded = torch.round(left * inv) * d
+        total, left = total + rounded, left - rounded
+    return total.reshape(x.shape)
 
 
-def q4_dense_i8_mm(x: torch.Tensor, w: Q4Dense) -> torch.Tensor:
-    """``x @ Wᵀ`` with ``x`` rounded to int8 per block of 32, as the integer kernel computes it."""
-    return int8_rows(x) @ w.unpack().t()
+def q4_dense_i8_mm(x: torch.Tensor, w: Q4Dense, levels: int = 1) -> torch.Tensor:
+    """``x @ Wᵀ`` with ``x`` rounded to int8 per block of 32 (``levels`` times), as the integer kernel computes it."""
+    return int8_rows(x, levels=levels) @ w.unpack().t()
 
 
 def q4_sparse24_mm(x: torch.Tensor, w: Q4Sparse24) -> torch.Tensor:
     return x @ w.unpack().t()
 
 
-def q4_sparse24_i8_mm(x: torch.Tensor, w: Q4Sparse24) -> torch.Tensor:
-    return int8_rows(x) @ w.unpack().t()
+def q4_sparse24_i8_mm(x: torch.Tensor, w: Q4Sparse24, levels: int = 1) -> torch.Tensor:
+    return int8_rows(x, levels=levels) @ w.unpack().t()
 
 
 def q4_input_major_mm(x: torch.Tensor, w: Q4InputMajor) -> torch.Tensor:

@@ -6,6 +6,9 @@
 //                                                                                 - z[r, g] * sum_{i in k} q[b, i])
 //
 // z is the unsigned zero point (8 when symmetric), s the group scale; groups are whole blocks (group % 32 == 0).
+// With `levels` 2 each input row is rounded twice (x ~ d1 q1 + d2 q2, q2 the int8 rounding of x - d1 q1, ~15 bits
+// in all): the two levels are two rows of the same tile pass, summed as they are stored, so the weights are read
+// once and only the integer dot products double.
 // The fp32 kernels in kernels.cpp stay the reference the tests and `--act-precision fp32` use.
 //
 // AVX-512 (VNNI + VBMI): 64 bytes of a tile (4 input pairs x 16 rows) are transposed with one vpermb so each
@@ -38,30 +41,37 @@ constexpr int64_t PREFETCH = 4096;
 
 // The input as the integer kernels read it.
 struct Int8Rows {
-  std::vector<int8_t> q;    // (batch, in); AVX-512 order: per 8 inputs the 4 even ones, then the 4 odd ones
-  std::vector<float> d;     // (batch, blocks) scales
-  std::vector<float> qsum;  // (batch, blocks) sums of q (exact integers)
+  int64_t levels;           // roundings per input row: rows (batch x levels), row b x levels + l is level l
+  std::vector<int8_t> q;    // (rows, in); AVX-512 order: per 8 inputs the 4 even ones, then the 4 odd ones
+  std::vector<float> d;     // (rows, blocks) scales
+  std::vector<float> qsum;  // (rows, blocks) sums of q (exact integers)
 };
 
-// x (batch, in) -> Int8Rows; `even_odd` reorders each run of 8 inputs as the AVX-512 kernel consumes them.
-Int8Rows quantize_rows(const float* x, int64_t batch, int64_t in, bool even_odd) {
-  const int64_t blocks = in / BLOCK;
-  Int8Rows r{std::vector<int8_t>(batch * in), std::vector<float>(batch * blocks), std::vector<float>(batch * blocks)};
+// x (batch, in) -> Int8Rows of `levels` roundings each (level 2 rounds what level 1 left over); `even_odd`
+// reorders each run of 8 inputs as the AVX-512 kernel consumes them.
+Int8Rows quantize_rows(const float* x, int64_t batch, int64_t in, bool even_odd, int64_t levels) {
+  const int64_t blocks = in / BLOCK, rows = batch * levels;
+  Int8Rows r{levels, std::vector<int8_t>(rows * in), std::vector<float>(rows * blocks), std::vector<float>(rows * blocks)};
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t k = 0; k < blocks; ++k) {
-      const float* xk = x + b * in + k * BLOCK;
-      float amax = 0.f;
-      for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xk[i]));
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int8_t* qk = r.q.data() + b * in + k * BLOCK;
-      int32_t sum = 0;
-      for (int i = 0; i < BLOCK; ++i) {
-        const int8_t v = static_cast<int8_t>(std::nearbyint(xk[i] * inv));  // ties to even, as torch.round
-        sum += v;
-        qk[even_odd ? (i & ~7) + (i & 1) * 4 + (i & 7) / 2 : i] = v;
+      float left[BLOCK];  // what the levels so far have not represented
+      std::memcpy(left, x + b * in + k * BLOCK, sizeof(left));
+      for (int64_t l = 0; l < levels; ++l) {
+        const int64_t row = b * levels + l;
+        float amax = 0.f;
+        for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(left[i]));
+        const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int8_t* qk = r.q.data() + row * in + k * BLOCK;
+        int32_t sum = 0;
+        for (int i = 0; i < BLOCK; ++i) {
+          const int8_t v = static_cast<int8_t>(std::nearbyint(left[i] * inv));  // ties to even, as torch.round
+          sum += v;
+          qk[even_odd ? (i & ~7) + (i & 1) * 4 + (i & 7) / 2 : i] = v;
+          left[i] -= static_cast<float>(v) * d;
+        }
+        r.d[row * blocks + k] = d;
+        r.qsum[row * blocks + k] = static_cast<float>(sum);
       }
-      r.d[b * blocks + k] = d;
-      r.qsum[b * blocks + k] = static_cast<float>(sum);
     }
   }
   return r;
@@ -69,12 +79,12 @@ Int8Rows quantize_rows(const float* x, int64_t batch, int64_t in, bool even_odd)
 
 struct I8Args {
   const Int8Rows* x;
-  float* y;             // (batch, out)
+  float* y;             // (rows / levels, out)
   const uint8_t* data;  // q4_dense: (tiles, in/2, 16)
   const void* scale;    // (tiles, groups, 16) fp32 or fp16 (half)
   const void* zero;     // (tiles, groups, 16) like scale, or nullptr (8)
   bool half;
-  int64_t batch, in, out, group;
+  int64_t batch, in, out, group;  // batch: rows of Int8Rows (input rows x levels)
 };
 
 // Group scales and zero points are fp32 (folders packed before issue 25's step 0) or fp16 (as GGUF's blocks;
@@ -93,10 +103,14 @@ __attribute__((target("avx512f"))) inline __m512 param16(const void* p, bool hal
               : _mm512_loadu_ps(static_cast<const float*>(p) + i);
 }
 
+// Row b of a tile's products: written for a first level, added for a later one (a tile's rows are stored by one
+// thread in order).
 template <typename A>  // I8Args or S8Args
 inline void store_tile(const A& a, int64_t t, int64_t b, const float* lanes) {
   const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
-  std::memcpy(a.y + b * a.out + t * TILE, lanes, rows * sizeof(float));
+  float* y = a.y + (b / a.x->levels) * a.out + t * TILE;
+  if (b % a.x->levels == 0) std::memcpy(y, lanes, rows * sizeof(float));
+  else for (int64_t r = 0; r < rows; ++r) y[r] += lanes[r];
 }
 
 void q4_dense_i8_portable(const I8Args& a, int64_t t0, int64_t t1) {
@@ -241,7 +255,7 @@ struct S8Args {
   const void* scale;    // as in I8Args
   const void* zero;
   bool half;
-  int64_t batch, in, out, group;
+  int64_t batch, in, out, group;  // batch: rows of Int8Rows (input rows x levels)
 };
 
 void q4_sparse24_i8_portable(const S8Args& a, int64_t t0, int64_t t1) {
@@ -341,10 +355,11 @@ int64_t int8_isa() {
 }
 
 void check_inputs(const at::Tensor& x, int64_t in, int64_t group, const at::Tensor& scale,
-                  const c10::optional<at::Tensor>& zero, int64_t out) {
+                  const c10::optional<at::Tensor>& zero, int64_t out, int64_t levels) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x must be (batch, ", in, "), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(), "x must be contiguous fp32 on CPU");
   TORCH_CHECK(x.size(0) <= MAX_BATCH, "batch ", x.size(0), " > ", MAX_BATCH, ": use the reference path");
+  TORCH_CHECK(levels == 1 || levels == 2, "levels must be 1 or 2, got ", levels);
   TORCH_CHECK(group % BLOCK == 0, "integer kernels take group sizes divisible by ", BLOCK, ", got ", group);
   TORCH_CHECK((scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous(),
               "scale must be contiguous fp32 or fp16");
@@ -354,15 +369,15 @@ void check_inputs(const at::Tensor& x, int64_t in, int64_t group, const at::Tens
 }
 
 at::Tensor q4_dense_i8_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
-                          const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+                          const c10::optional<at::Tensor>& zero, int64_t out, int64_t group, int64_t levels) {
   const int64_t in = data.size(1) * 2;
-  check_inputs(x, in, group, scale, zero, out);
+  check_inputs(x, in, group, scale, zero, out, levels);
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous(), "packed data must be contiguous uint8");
   const int64_t isa = int8_isa();
-  const Int8Rows rows = quantize_rows(x.data_ptr<float>(), x.size(0), in, isa == 2);
+  const Int8Rows rows = quantize_rows(x.data_ptr<float>(), x.size(0), in, isa == 2, levels);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
   const I8Args a{&rows, y.data_ptr<float>(), data.data_ptr<uint8_t>(), scale.data_ptr(), zero ? zero->data_ptr() : nullptr,
-                 scale.scalar_type() == at::kHalf, x.size(0), in, out, group};
+                 scale.scalar_type() == at::kHalf, x.size(0) * levels, in, out, group};
   at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
     if (isa == 2) by_rows<I8Args, q4_dense_i8_avx512_rows<4>, q4_dense_i8_avx512_rows<2>, q4_dense_i8_avx512_rows<1>>(a, t0, t1);
     else if (isa == 1) by_rows<I8Args, q4_dense_i8_avx2_rows<4>, q4_dense_i8_avx2_rows<2>, q4_dense_i8_avx2_rows<1>>(a, t0, t1);
@@ -373,15 +388,15 @@ at::Tensor q4_dense_i8_mm(const at::Tensor& x, const at::Tensor& data, const at:
 
 // 2:4 on int8 inputs: AVX-512 VNNI + VBMI, else the portable loop (callers use it on AVX-512 machines only).
 at::Tensor q4_sparse24_i8_mm(const at::Tensor& x, const at::Tensor& data, const at::Tensor& pos, const at::Tensor& scale,
-                             const c10::optional<at::Tensor>& zero, int64_t out, int64_t group) {
+                             const c10::optional<at::Tensor>& zero, int64_t out, int64_t group, int64_t levels) {
   const int64_t in = data.size(1) * 4;
-  check_inputs(x, in, group, scale, zero, out);
+  check_inputs(x, in, group, scale, zero, out, levels);
   TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && pos.scalar_type() == at::kByte &&
               pos.is_contiguous() && pos.size(1) * 8 == in, "packed data and positions must be contiguous uint8 of a 2:4 layout");
-  const Int8Rows rows = quantize_rows(x.data_ptr<float>(), x.size(0), in, false);
+  const Int8Rows rows = quantize_rows(x.data_ptr<float>(), x.size(0), in, false, levels);
   at::Tensor y = at::empty({x.size(0), out}, x.options());
   const S8Args a{&rows, y.data_ptr<float>(), data.data_ptr<uint8_t>(), pos.data_ptr<uint8_t>(), scale.data_ptr(),
-                 zero ? zero->data_ptr() : nullptr, scale.scalar_type() == at::kHalf, x.size(0), in, out, group};
+                 zero ? zero->data_ptr() : nullptr, scale.scalar_type() == at::kHalf, x.size(0) * levels, in, out, group};
   const bool vnni = int8_isa() == 2;
   at::parallel_for(0, data.size(0), 1, [&](int64_t t0, int64_t t1) {
     if (vnni) by_rows<S8Args, q4_sparse24_i8_avx512_rows<4>, q4_sparse24_i8_avx512_rows<2>, q4_sparse24_i8_avx512_rows<1>>(a, t0, t1);
@@ -393,8 +408,8 @@ at::Tensor q4_sparse24_i8_mm(const at::Tensor& x, const at::Tensor& data, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(compress_kernels, m) {
-  m.def("q4_dense_i8_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
-  m.def("q4_sparse24_i8_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group) -> Tensor");
+  m.def("q4_dense_i8_mm(Tensor x, Tensor data, Tensor scale, Tensor? zero, int out, int group, int levels=1) -> Tensor");
+  m.def("q4_sparse24_i8_mm(Tensor x, Tensor data, Tensor pos, Tensor scale, Tensor? zero, int out, int group, int levels=1) -> Tensor");
   m.def("int8_isa() -> int", &int8_isa);
 }
 
