@@ -108,9 +108,8 @@ def prepare_models(work: Path, bin_dir: Path, synthetic: bool) -> tuple[Path, di
 def perplexity(model: Path, work: Path, name: str, precision: str) -> float:
     out = work / f"ppl-{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{precision}.json"
     if not out.is_file():
-        env = {**os.environ, "COMPRESS_ACT_PRECISION": precision}
-        run([*COMPRESS, "eval", model, "--ppl", DATA / "test.txt", "--seqlen", 1024, "--limit", 50, "--json", out],
-            out.with_suffix(".log"), env)
+        run([*COMPRESS, "eval", model, "--ppl", DATA / "test.txt", "--seqlen", 1024, "--limit", 50, "--act-precision",
+             precision, "--json", out], out.with_suffix(".log"))
     return json.loads(out.read_text())["ppl"]
 
 
@@ -169,8 +168,10 @@ def main() -> None:
     modes = (True,) if args.compile and args.no_eager else (False, True) if args.compile else (False,)
     contenders = [(name, precision, compiled_) for name in loaded for precision in args.precisions.split(",")
                   for compiled_ in modes]
-    for name, _, compiled_ in contenders:  # warm up (and compile) outside the timed rounds
+    for name, precision, compiled_ in contenders:  # warm up (and compile, per precision) outside the timed rounds
+        kops.set_act_precision(precision)
         greedy(loaded[name][0], ids, 2, compiled=compiled_)
+    kops.set_act_precision("int8")
     cpu = subprocess.check_output(["lscpu"], text=True)
     results = {"cpu": re.search(r"Model name:\s*(.*)", cpu)[1], "int8_isa": ["portable", "avx2", "avx512-vnni"][
         int(compiled().int8_isa())], "threads": args.threads, "new_tokens": args.new_tokens, "prompt": PROMPT,
