@@ -88,5 +88,8 @@ def load(spec: str, dtype: str = "auto", *, with_tokenizer: bool = False):
             table = {name: fh.get_tensor(name) for name in fh.keys()}
             gate_space = json.loads((fh.metadata() or {}).get("gate_space", "{}"))
             edges = tuple(json.loads((fh.metadata() or {}).get("position_bands", "[]")))
+        from compress.experts import unfuse_experts
+
+        unfuse_experts(model)  # thresholds of a mixture-of-experts model's experts name their linears
         model.compress_sparsifiers = install(model, table, prefill, gate_space, edges, token_scale)
     return (model, tokenizer) if with_tokenizer else model

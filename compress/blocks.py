@@ -13,6 +13,7 @@ up to that group and stops (``_Stop``); a last pass makes the outputs.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -30,6 +31,8 @@ from compress.pruning import InputStats
 from compress.reports import LayerReport, QuantizedWeight
 from compress.weights import compress_weight, needs_hessian, needs_norms
 
+log = logging.getLogger(__name__)
+
 
 class _Stop(Exception):
     """Unwinds a worker: the run was aborted, or (bounded mode) its pass reached the group it had to reach."""
@@ -42,8 +45,13 @@ class BlockCompressor:
     """Compresses one block's linear groups in execution order during one chunked forward (module docstring)."""
 
     def __init__(self, block: nn.Module, groups: list[list[str]], recipe: Recipe, block_name: str, gram_stride: int,
-                 hist_stride: int = 1, act_edges: tuple[int, ...] = (), scale_dtype: torch.dtype | None = None):
+                 hist_stride: int = 1, act_edges: tuple[int, ...] = (), scale_dtype: torch.dtype | None = None,
+                 min_tokens: dict[str, int] | None = None):
+        """``min_tokens``: linears (experts) compressed without data (identity statistics: magnitude, RTN) when
+        fewer calibration tokens reached them; their Gram matrices take every token."""
         self.modules = models.linears(block)
+        self.min_tokens = min_tokens or {}
+        self.rows: dict[int, int] = {}  # group -> calibration tokens that reached it
         self.scale_dtype = scale_dtype  # None: the model's
         self.groups = groups
         self.group_of = {name: g for g, names in enumerate(groups) for name in names}
@@ -67,6 +75,7 @@ class BlockCompressor:
             x = args[0]
             if g not in self.stats:
                 self.stats[g] = self._new_stats(g, x.shape[-1])
+            self.rows[g] = self.rows.get(g, 0) + x.numel() // x.shape[-1]
             gram, norms, hists = self.stats[g]
             gram.update(x)
             if norms is not None:
@@ -86,9 +95,10 @@ class BlockCompressor:
         """Accumulators for group ``g``'s input. Mean squares only for methods that read them, and not when
         the Gram matrix holds them exactly on its diagonal (fp32 products of every token): apart, they cost
         ~5% of a SparseGPT run."""
-        exact_diagonal = self.gram_stride == 1 and self.recipe.gram_precision == "fp32"
+        stride = 1 if any(n in self.min_tokens for n in self.groups[g]) else self.gram_stride  # experts: few tokens
+        exact_diagonal = stride == 1 and self.recipe.gram_precision == "fp32"
         separate_norms = self.with_mean or (needs_norms(self.recipe) and not exact_diagonal)
-        return (Gram(in_features, stride=self.gram_stride, products=self.recipe.gram_precision),
+        return (Gram(in_features, stride=stride, products=self.recipe.gram_precision),
                 SquaredNorms(in_features, self.with_mean) if separate_norms else None,
                 self.acts.histograms(self.groups[g], in_features))
 
@@ -196,7 +206,14 @@ class BlockCompressor:
     def _compress_group(self, g: int) -> None:
         allocator.trim()  # blocks cached by the forward: compressing allocates other shapes, the next stretch too
         gram, norms, hists = self.stats.pop(g)
-        stats = InputStats(gram.finalize(), *((norms.finalize(), norms.mean()) if norms else ()))
+        rows, floor = self.rows.get(g, 0), max(self.min_tokens.get(n, 0) for n in self.groups[g])
+        if rows < floor:  # too few tokens to trust (an expert the router seldom picks)
+            log.warning("%s: %d calibration tokens (< %d): compressed without data (magnitude / RTN)",
+                        ", ".join(f"{self.block_name}.{n}" for n in self.groups[g]), rows, floor)
+            n_in = gram.in_features
+            stats = InputStats(torch.eye(n_in), torch.ones(n_in), torch.zeros(n_in) if self.with_mean else None)
+        else:
+            stats = InputStats(gram.finalize(), *((norms.finalize(), norms.mean()) if norms else ()))
         for name in self.groups[g]:
             start = time.perf_counter()
             W = models.weight_view(self.modules[name])  # (out, in), a view of the module's weight
@@ -214,8 +231,10 @@ class BlockCompressor:
                 target_sparsity=self.recipe.prune.pattern.sparsity if self.recipe.prune else 0.0,
                 sparsity=float((W_hat == 0).float().mean()),
                 rel_error=reconstruction_error(W32, W_hat, stats.G),
-                error_tokens=gram.tokens,
+                error_tokens=gram.tokens if rows >= floor else 0,
                 seconds=time.perf_counter() - start,
+                tokens=rows,
+                data_free=rows < floor,
                 bits=grid.bits if grid else None,
                 group_size=grid.group_size if grid else None,
                 act_target=self.acts.targets.get(name),

@@ -169,15 +169,20 @@ def prune(
                                                         "of a compression.json's recipe, or a whole compression.json "
                                                         "to reproduce its run); flags given here override it.")] = None,
     allow_partial: Annotated[bool, typer.Option(help="Run even when most of the decoder blocks' weights are not "
-                                                "linear layers (e.g. fused MoE experts): only the linears are "
-                                                "compressed.")] = False,
+                                                "linear layers compress reaches: only the linears are compressed.")] = False,
+    moe_calibration: Annotated[str, typer.Option(help="Mixture-of-experts: each expert calibrated on the tokens the "
+                                                 "router sends it (routed) or on every token (all).")] = "routed",
+    moe_min_tokens: Annotated[int, typer.Option(help="An expert that received fewer calibration tokens is compressed "
+                                                "without data (magnitude / RTN), with a warning.")] = 16,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    """Prune and/or quantize MODEL's decoder linears block by block on calibration text; save to --out."""
+    """Prune and/or quantize MODEL's decoder linears (every expert of a mixture-of-experts model too) block by
+    block on calibration text; save to --out."""
     from safetensors import SafetensorError
 
     from compress import export, recipes, run
     from compress.checkpoint import CheckpointError
+    from compress.experts import MoeOptions
 
     flags = {name: value for name, value in locals().items() if name in recipes.DEFAULTS}
     _setup_logging(verbose)
@@ -189,7 +194,8 @@ def prune(
             fmt = file_fmt if file_fmt and not _on_command_line(ctx, "fmt") else fmt
         report = run.prune(model, recipes.from_flags(flags), out, fmt=fmt, gguf_dtype=gguf_dtype, device=device, dtype=dtype,
                            chunk_samples=chunk_samples, max_memory=max_memory, overwrite=overwrite, resume=resume,
-                           save_every=save_every, allow_partial=allow_partial)
+                           save_every=save_every, allow_partial=allow_partial,
+                           moe=MoeOptions(moe_calibration, moe_min_tokens))
     except CheckpointError as err:  # an input file damaged, before or during the run: nothing was written
         _fail(f"reading {model} failed: {err}")
     except ValueError as err:

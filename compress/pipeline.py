@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from compress import models
+from compress import experts, models
 from compress.blocks import BlockCompressor, forward_block
 from compress.calibration.capture import BlockInputs, capture_block_inputs
 from compress.calibration.stats import SquaredNorms, resolve_precision
@@ -146,7 +146,8 @@ def outlier_ratios(model: nn.Module, tokens: torch.Tensor, m: float, ignore: tup
         finally:
             for h in handles:
                 h.remove()
-        scores = [wanda.score(models.weight_view(lin).float(), norms[n].finalize()) for n, lin in linears.items()]
+        scores = [wanda.score(models.weight_view(lin).float(), norms[n].finalize()) for n, lin in linears.items()
+                  if norms[n].tokens]  # an expert the router sent no token has no score
         ratios.append(owl.outlier_ratio(scores, m))
         block.to("cpu")
         if io is not None:
@@ -171,6 +172,7 @@ def compress_sequential(
     bounded: bool = False,
     checked: bool = False,
     scale_dtype: torch.dtype | None = None,
+    moe: experts.MoeOptions | None = None,
 ) -> Report:
     """Compress ``model``'s decoder linears in place, block by block, on calibration ``tokens``.
 
@@ -235,10 +237,11 @@ def compress_sequential(
         block.to(device)
         block_name = f"{prefix}.{i}"
         targets = [n for n in models.linears(block) if not models.is_ignored(f"{block_name}.{n}", recipe.ignore)]
-        groups = probe_groups(block, probe, targets)
-        compressor = BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride, act_edges,
-                                     scale_dtype)
-        outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
+        with experts.calibrating(block, moe or experts.MoeOptions()) as min_tokens:
+            groups = probe_groups(block, probe, targets)
+            compressor = BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride,
+                                         act_edges, scale_dtype, {n: k for n, k in min_tokens.items() if n in targets})
+            outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
         block.to("cpu")
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)

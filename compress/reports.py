@@ -24,6 +24,8 @@ class LayerReport:
     group_size: int | None = None
     act_target: float | None = None  # target fraction of zeroed input activations, None if not targeted
     act_sparsity: float | None = None  # achieved on the calibration inputs
+    tokens: int | None = None  # calibration tokens that reached it (an expert: those the router sent it)
+    data_free: bool = False  # too few tokens: compressed without data (identity statistics)
 
 
 @dataclass

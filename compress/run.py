@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from compress import export, models, outputs, pipeline
+from compress import experts, export, models, outputs, pipeline
 from compress.config import Recipe
 from compress.kernels import allocator
 from compress.memory import block_cache_bytes, memory_budget
@@ -30,14 +30,15 @@ log = logging.getLogger(__name__)
 def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gguf_dtype: str = "f16", device: str = "auto",
           dtype: str = "auto", chunk_samples: int = 0, max_memory: str = "auto", overwrite: bool = False,
           resume: bool = False, save_every: float = 60.0, allow_partial: bool = False,
-          progress: bool = True) -> pipeline.Report:
+          moe: experts.MoeOptions = experts.MoeOptions(), progress: bool = True) -> pipeline.Report:
     """Compress ``model`` (hub id, local folder or .gguf) with ``recipe`` on its calibration text
     (``recipe.calib``) and write the result to ``out`` in ``fmt`` (dense | compressed-tensors | packed |
     gguf: one file, ``out`` ending in ``.gguf``, its unquantized 2-D tensors in ``gguf_dtype``).
 
     Run options as the ``compress prune`` flags of the same names: ``chunk_samples`` (0: default),
     ``max_memory`` (a size, ``auto`` or ``0``), ``overwrite``, ``resume``, ``save_every`` (seconds),
-    ``allow_partial`` (run even when most of the blocks' weights are not linears the recipe reaches).
+    ``allow_partial`` (run even when most of the blocks' weights are not linears the recipe reaches), ``moe``
+    (``--moe-calibration``, ``--moe-min-tokens``: how mixture-of-experts experts are calibrated).
 
     Returns:
         The run's report (also in ``out/compression.json``).
@@ -69,6 +70,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
         t0 = time.perf_counter()
         opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
         lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
+        moe_blocks = experts.unfuse_experts(lm)  # fused 3-D experts -> one linear per expert and matrix
         pipeline.check(lm, recipe)
         coverage = models.coverage(lm, recipe.ignore)
         coverage.check(allow_partial)
@@ -99,6 +101,8 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
             recipe, owl_ratios = _owl_allocation(lm, tokens, recipe, dev, chunk_samples, checkpoint, progress)
         plan = pipeline.plan_memory(lm, *tokens.shape, memory_budget(max_memory, dev), chunk_samples or None)
         fingerprint = _fingerprint(model, recipe, fmt, manifest, chunk_samples, dtype)
+        if moe_blocks:
+            fingerprint["moe"] = [moe.calibration, moe.min_tokens]
         if resume:
             outputs.check_fingerprint(out, fingerprint)
         _log_plan(recipe, calib, plan, model, time.perf_counter() - t0)
@@ -114,7 +118,7 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
                     report = pipeline.compress_sequential(lm, tokens, recipe, device=dev,
                                                           chunk_samples=chunk_samples or None, on_block=on_block,
                                                           io=output, bounded=plan.bounded, checked=True,
-                                                          scale_dtype=_scale_dtype(fmt))
+                                                          scale_dtype=_scale_dtype(fmt), moe=moe)
             sparse24 = recipe.prune is not None and (recipe.prune.pattern.n, recipe.prune.pattern.m) == (2, 4)
             metadata = {
                 "source_model": model,
@@ -127,6 +131,8 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
                                                 symmetric=recipe.quant is None or recipe.quant.symmetric,
                                                 sparse24=sparse24),
                 "report": {**report.to_dict(), "coverage": coverage.to_dict()},
+                **({"moe": {"blocks": moe_blocks, "calibration": moe.calibration, "min_tokens": moe.min_tokens}}
+                   if moe_blocks else {}),
             }
             output.finish(lm, tokenizer, metadata, act_thresholds=report.act_thresholds,
                           gate_space=report.gate_space, act_edges=report.act_edges)

@@ -145,9 +145,24 @@ def _moe(family: str):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_fused_experts_left_uncompressed_are_refused_unless_allowed_and_reported(family, tokenizer, calib_txt, tmp_path):
+def test_fused_experts_are_compressed_and_the_rest_reported(family, tokenizer, calib_txt, tmp_path):
     model = tmp_path / family
     _moe(family).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    args = ["prune", str(model), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib_txt), *COMMON]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    coverage = json.loads((tmp_path / "out" / "compression.json").read_text())["report"]["coverage"]
+    assert coverage["compressed_share"] > 0.9 and set(coverage["other"]) == {"mlp.gate.weight"}  # the router
+
+
+def test_weights_no_linear_holds_are_refused_unless_allowed_and_reported(tokenizer, calib_txt, tmp_path, monkeypatch):
+    """Experts in a layout compress cannot present as linears stay fused: over half the blocks' weights."""
+    from compress import experts
+
+    monkeypatch.setattr(experts, "is_fused_experts", lambda module: False)
+    model = tmp_path / "qwen3_moe"
+    _moe("qwen3_moe").save_pretrained(model)
     tokenizer.save_pretrained(model)
     args = ["prune", str(model), "--method", "wanda", "--sparsity", "0.5", "--calib", str(calib_txt), *COMMON]
     refused = runner.invoke(app, [*args, "--out", str(tmp_path / "refused")])
