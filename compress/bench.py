@@ -16,6 +16,8 @@ import statistics
 import subprocess
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,6 +109,18 @@ CACHE_BUCKET = 256  # compiled decoding: KV cache lengths are multiples of this,
 
 
 _LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled LeanDecoder
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (None: as they are) within, restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool = False) -> torch.Tensor:
@@ -207,8 +221,11 @@ def generate(model: str, prompt: str, max_new_tokens: int = 32, *, threads: int 
     if threads is not None and threads < 1:
         raise ValueError(f"--threads {threads} must be at least 1")
     lm, tokenizer = load(model, dtype, with_tokenizer=True)
-    if threads:
-        torch.set_num_threads(threads)
+    with torch_threads(threads):
+        return _timed_generate(lm, tokenizer, prompt, max_new_tokens, compile)
+
+
+def _timed_generate(lm, tokenizer, prompt: str, max_new_tokens: int, compile: bool) -> dict:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if compile:
         log.info("compiling the decode step (inductor)")
@@ -258,15 +275,15 @@ def run(folder: Path, threads: tuple[int, ...] = (1, 2), new_tokens: int = 128, 
                "repeats": repeats, "same_first_32_tokens_as_dense_export":
                    bool(torch.equal(first["compressed"], first["dense export"])), "by_threads": {}}
     for n in threads:
-        torch.set_num_threads(n)
-        rows = gemv(lm, repeats=max(repeats, 11))
-        rates = decode_speed(contenders, ids, new_tokens, repeats)
-        if compile:
-            for m in contenders.values():  # compile outside the timed runs
-                greedy(m, ids, 2, compiled=True)
-            compiled = decode_speed(contenders, ids, new_tokens, repeats, compiled=True)
-            rates.update({f"{name} (compiled)": rate for name, rate in compiled.items()})
-        gguf = gguf or (source if source and source.endswith(".gguf") else None)
-        llama = llama_cpp_speed(gguf, prompt, new_tokens, n, repeats) if gguf else None
-        results["by_threads"][n] = {"gemv": rows, "decode_tokens_per_s": rates, "llama_cpp_tokens_per_s": llama}
+        with torch_threads(n):
+            rows = gemv(lm, repeats=max(repeats, 11))
+            rates = decode_speed(contenders, ids, new_tokens, repeats)
+            if compile:
+                for m in contenders.values():  # compile outside the timed runs
+                    greedy(m, ids, 2, compiled=True)
+                compiled = decode_speed(contenders, ids, new_tokens, repeats, compiled=True)
+                rates.update({f"{name} (compiled)": rate for name, rate in compiled.items()})
+            gguf = gguf or (source if source and source.endswith(".gguf") else None)
+            llama = llama_cpp_speed(gguf, prompt, new_tokens, n, repeats) if gguf else None
+            results["by_threads"][n] = {"gemv": rows, "decode_tokens_per_s": rates, "llama_cpp_tokens_per_s": llama}
     return results

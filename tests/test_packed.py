@@ -105,8 +105,10 @@ def test_info_and_eval_read_a_packed_folder(saved_model, calib_txt, tmp_path):
 def test_generate_runs_a_packed_folder_on_the_kernels(saved_model, calib_txt, tmp_path):
     out = tmp_path / "packed"
     assert _prune(saved_model("llama"), out, calib_txt, "--quant", "w4g16", "--format", "packed").exit_code == 0
+    threads = torch.get_num_threads()
     result = runner.invoke(app, ["generate", str(out), "the of and", "--max-new-tokens", "5", "--threads", "1"])
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads  # --threads holds for the call only: a library caller keeps its own
     assert result.output.startswith("the of and") and "5 new tokens" in result.output
     bad = runner.invoke(app, ["generate", str(out), "x", "--max-new-tokens", "0"])
     assert bad.exit_code == 2 and "--max-new-tokens 0 must be at least 1" in bad.output
