@@ -84,6 +84,7 @@ class ExpertLinears(nn.ModuleList):
                 setattr(fused, name, None)  # the fused module keeps only what _apply_gate reads
         self.calibrate_all = False  # every expert computes every token (its output still routed)
         self.visit_all = False  # every expert is called, with no tokens if routed none (calibration hooks fire)
+        self.fused_names = True  # state_dict in the fused layout (per_expert_names: one entry per expert linear)
         self._register_state_dict_hook(_fused_state_dict)
 
     # ------------------------------------------------------------------ the fused layout <-> per-expert linears
@@ -160,9 +161,12 @@ class ExpertLinears(nn.ModuleList):
 
 
 def _fused_state_dict(module: ExpertLinears, state_dict, prefix, local_metadata):
-    """state_dict hook: the per-expert entries replaced by the fused tensors the model's checkpoint holds."""
+    """state_dict hook: the per-expert entries replaced by the fused tensors the model's checkpoint holds
+    (unless ``fused_names`` is off, or the experts are packed: their layouts have no fused form)."""
     keys = [prefix + f"{e}.{m}.{kind}" for e in range(module.num_experts) for m in MATRICES
             for kind in (("weight", "bias") if module.has_bias else ("weight",))]
+    if not module.fused_names or not all(k in state_dict for k in keys):
+        return state_dict
     parts = {k[len(prefix):]: state_dict.pop(k) for k in keys}
     state_dict.update({prefix + k: v for k, v in module.fuse(parts).items()})
     return state_dict
@@ -186,6 +190,20 @@ def unfuse_experts(model: nn.Module) -> int:
         log.info("%d mixture-of-experts blocks of %d experts: each expert's matrices are linears of their own",
                  len(fused), experts)
     return len(fused)
+
+
+@contextmanager
+def per_expert_names(module: nn.Module) -> Iterator[None]:
+    """Within it, ``module.state_dict()`` names each expert's linears (``experts.3.gate_proj.weight``), as the
+    packed export writes them."""
+    moes = [m for m in module.modules() if isinstance(m, ExpertLinears)]
+    for m in moes:
+        m.fused_names = False
+    try:
+        yield
+    finally:
+        for m in moes:
+            m.fused_names = True
 
 
 def expert_blocks(model: nn.Module) -> dict[str, ExpertLinears]:

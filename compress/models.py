@@ -202,6 +202,7 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress.checkpoint import Checkpoint, materialize
+    from compress.experts import unfuse_experts
     from compress.kernels.formats import PARTS, Q4Sparse24
     from compress.kernels.fused import fuse_siblings
     from compress.kernels.linear import LAYOUTS, PackedEmbedding, PackedLinear
@@ -212,6 +213,7 @@ def load_packed(folder: Path, packed: dict[str, dict], dtype: torch.dtype | None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
+    unfuse_experts(model)  # a mixture-of-experts model's experts are packed one by one, as linears
     checkpoint = Checkpoint(folder)
     names = checkpoint.names()
     used = set()

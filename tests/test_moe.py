@@ -163,8 +163,8 @@ def test_all_tokens_calibration_feeds_every_expert_every_token(tmp_path, tokeniz
 
 def test_moe_models_refuse_formats_without_experts_and_bad_options(tmp_path, tokenizer, calib_txt):
     _save("qwen3_moe", tmp_path / "dense", tokenizer)
-    packed = _prune(tmp_path / "dense", tmp_path / "p", calib_txt, "--quant", "w4g32", "--format", "packed")
-    assert packed.exit_code == 2 and "does not write mixture-of-experts experts yet" in packed.output
+    vllm = _prune(tmp_path / "dense", tmp_path / "p", calib_txt, "--quant", "w4g32", "--format", "compressed-tensors")
+    assert vllm.exit_code == 2 and "does not write mixture-of-experts experts yet" in vllm.output
     assert not (tmp_path / "p").exists()
     bad = _prune(tmp_path / "dense", tmp_path / "q", calib_txt, "--method", "wanda", "--sparsity", "0.5",
                  "--moe-calibration", "some")
@@ -220,3 +220,36 @@ def test_activation_thresholds_reach_the_experts_inputs(tmp_path, tokenizer, cal
     zeros = sum(int(h.zeros) for h in expert_hooks.values())
     total = sum(int(h.total) for h in expert_hooks.values())
     assert total > 0 and 0.2 < zeros / total < 0.6
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_packed_experts_run_on_the_kernels_and_compute_what_the_dense_export_does(family, tmp_path, tokenizer, calib_txt):
+    import compress
+    from compress.kernels import ops as kops
+    from compress.kernels.linear import PackedLinear
+
+    _save(family, tmp_path / "dense-in", tokenizer)
+    recipe = ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"]
+    for fmt in ("dense", "packed"):
+        result = _prune(tmp_path / "dense-in", tmp_path / fmt, calib_txt, *recipe, "--format", fmt)
+        assert result.exit_code == 0, result.output
+    packed = compress.load(str(tmp_path / "packed"))
+    moes = experts.expert_blocks(packed)
+    assert moes and all(isinstance(getattr(m[e], matrix), PackedLinear) for m in moes.values()
+                        for e in range(m.num_experts) for matrix in experts.MATRICES)
+    table = json.loads((tmp_path / "packed" / "compression.json").read_text())["packed"]
+    assert {v["layout"] for k, v in table.items() if ".experts." in k} == {"Q4Sparse24"}
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    experts.unfuse_experts(dense)
+    for name, m in packed.named_modules():  # the packed run fits its scales in fp16, the dense run in fp32
+        if isinstance(m, PackedLinear):
+            dense.get_submodule(name).weight.data = m.weight_packed.unpack()
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    kops.set_act_precision("fp32")  # the kernels on fp32 inputs: the dense export's arithmetic
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(packed(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+            one = packed(ids[:, :1]).logits  # batch 1: the GEMV kernels
+            torch.testing.assert_close(one, dense(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+    finally:
+        kops.set_act_precision("int8")

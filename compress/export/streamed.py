@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -129,8 +130,10 @@ class StreamedOutput:
 
     def done(self, index: int, block, quantized: dict, block_state=None) -> None:
         from compress.checkpoint import release
+        from compress.experts import per_expert_names
 
-        state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
+        with per_expert_names(block) if self.fmt == "packed" else nullcontext():  # experts packed one by one
+            state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
         if self.fmt == "compressed-tensors":
             state = compressed_tensors.pack_state(state, quantized, self.dtype)
             self.quantized_names.update(quantized)
