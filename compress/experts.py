@@ -192,18 +192,25 @@ def unfuse_experts(model: nn.Module) -> int:
     return len(fused)
 
 
+def name_per_expert(model: nn.Module, per_expert: bool = True) -> None:
+    """Name ``model``'s experts in its state_dict one tensor per expert and matrix (``experts.3.gate_proj.weight``,
+    the hub layout transformers' save_pretrained writes for Qwen-MoE and DeepSeek), or fused (its in-memory
+    layout)."""
+    for m in model.modules():
+        if isinstance(m, ExpertLinears):
+            m.fused_names = not per_expert
+
+
 @contextmanager
 def per_expert_names(module: nn.Module) -> Iterator[None]:
-    """Within it, ``module.state_dict()`` names each expert's linears (``experts.3.gate_proj.weight``), as the
-    packed export writes them."""
-    moes = [m for m in module.modules() if isinstance(m, ExpertLinears)]
-    for m in moes:
-        m.fused_names = False
+    """Within it, ``module.state_dict()`` names each expert's linears, as the packed export writes them."""
+    before = {m: m.fused_names for m in module.modules() if isinstance(m, ExpertLinears)}
+    name_per_expert(module)
     try:
         yield
     finally:
-        for m in moes:
-            m.fused_names = True
+        for m, fused in before.items():
+            m.fused_names = fused
 
 
 def expert_blocks(model: nn.Module) -> dict[str, ExpertLinears]:

@@ -157,6 +157,7 @@ def open_streamed(spec: str, dtype: str = "auto"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from compress.checkpoint import Checkpoint, check_shapes, materialize, streamable
+    from compress.experts import name_per_expert, unfuse_experts
 
     path = Path(spec)
     if spec.endswith(".gguf") or not path.is_dir() or not any(path.glob("*.safetensors")):
@@ -176,6 +177,8 @@ def open_streamed(spec: str, dtype: str = "auto"):
         raise ModelError(f"cannot load {spec!r}: {str(err).splitlines()[0]}") from err
     model.tie_weights()
     checkpoint = Checkpoint(path)
+    if unfuse_experts(model) and not streamable(checkpoint, model):
+        name_per_expert(model)  # the hub's layout (what save_pretrained writes): read and written as such
     check_shapes(checkpoint, model)
     if not streamable(checkpoint, model):
         log.info("%s: tensor names differ from the model's; loading it whole", spec)

@@ -70,7 +70,8 @@ def prune(model: str, recipe: Recipe, out: str | Path, *, fmt: str = "dense", gg
         t0 = time.perf_counter()
         opened = models.open_streamed(model, dtype)  # a local safetensors folder: one block in memory at a time
         lm, tokenizer, checkpoint = opened if opened else (*models.load(model, dtype), None)
-        moe_blocks = experts.unfuse_experts(lm)  # fused 3-D experts -> one linear per expert and matrix
+        experts.unfuse_experts(lm)  # fused 3-D experts -> one linear per expert and matrix (open_streamed did)
+        moe_blocks = len(experts.expert_blocks(lm))
         pipeline.check(lm, recipe)
         coverage = models.coverage(lm, recipe.ignore)
         coverage.check(allow_partial)

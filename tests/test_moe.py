@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -102,6 +103,11 @@ def test_wanda_2_4_prunes_every_expert_on_its_routed_tokens_and_leaves_the_route
     out = tmp_path / "pruned"
     result = _prune(tmp_path / "dense", out, calib_txt, "--method", "wanda", "--pattern", "2:4")
     assert result.exit_code == 0, result.output
+    written = set().union(*(safe_open(str(f), "pt").keys() for f in out.glob("*.safetensors")))
+    saved = set(safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt").keys())
+    # the checkpoint's own layout, streamed block by block (per expert for Qwen-MoE and DeepSeek, fused for
+    # gpt-oss); Mixtral's hub names (block_sparse_moe.experts.0.w1) are transformers' to convert: loaded whole
+    assert (written == saved) == (family != "mixtral")
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()  # transformers reads it as the same architecture
     assert type(pruned) is type(original)
     before, after = original.state_dict(), pruned.state_dict()
