@@ -142,10 +142,10 @@ class ExpertLinears(nn.ModuleList):
         positionally or by the model's keyword names."""
         top_k_index, top_k_weights = (*routing, *named.values())[:2]
         out = torch.zeros_like(hidden_states)
-        for e in range(self.num_experts):  # an index of E marks a masked slot: no expert computes it
+        every = self.calibrate_all or self.visit_all
+        chosen = range(self.num_experts) if every else [e for e in top_k_index.unique().tolist() if e < self.num_experts]
+        for e in chosen:  # (an index of E marks a masked slot: no expert computes it)
             token_idx, top_k_pos = torch.where(top_k_index == e)
-            if token_idx.numel() == 0 and not (self.calibrate_all or self.visit_all):
-                continue
             x = hidden_states if self.calibrate_all else hidden_states[token_idx]
             expert = self[e]
             gate, up = expert.gate_proj(x), expert.up_proj(x)
