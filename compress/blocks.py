@@ -208,8 +208,8 @@ class BlockCompressor:
         gram, norms, hists = self.stats.pop(g)
         rows, floor = self.rows.get(g, 0), max(self.min_tokens.get(n, 0) for n in self.groups[g])
         if rows < floor:  # too few tokens to trust (an expert the router seldom picks)
-            log.warning("%s: %d calibration tokens (< %d): compressed without data (magnitude / RTN)",
-                        ", ".join(f"{self.block_name}.{n}" for n in self.groups[g]), rows, floor)
+            log.debug("%s: %d calibration tokens (< %d): compressed without data",
+                      ", ".join(f"{self.block_name}.{n}" for n in self.groups[g]), rows, floor)
             n_in = gram.in_features
             stats = InputStats(torch.eye(n_in), torch.ones(n_in), torch.zeros(n_in) if self.with_mean else None)
         else:

@@ -254,6 +254,10 @@ def compress_sequential(
         else:
             report.quantized.update(compressor.quantized)
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)
+        if starved := [r for r in compressor.reports if r.data_free]:  # experts the router seldom picked
+            log.warning("%s: %d linears got fewer than their minimum of calibration tokens and were compressed without "
+                        "data (magnitude / RTN): %s", block_name, len(starved), ", ".join(
+                            f"{r.name.removeprefix(block_name + '.')} ({r.tokens})" for r in starved))
         if on_block:
             on_block(block_report, len(blocks))
     report.seconds = time.perf_counter() - start
