@@ -259,3 +259,20 @@ def test_packed_experts_run_on_the_kernels_and_compute_what_the_dense_export_doe
             torch.testing.assert_close(one, dense(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
     finally:
         kops.set_act_precision("int8")
+
+
+@pytest.mark.parametrize("extra", [["--allocation", "owl"], ["--refine", "dsnot"]])
+def test_owl_and_dsnot_run_on_experts(extra, tmp_path, tokenizer, calib_txt):
+    """OWL scores the experts with the tokens they got (an expert routed none has no score) and DSnoT refines
+    each expert's mask on its own routed inputs."""
+    _save("qwen3_moe", tmp_path / "dense", tokenizer)
+    result = _prune(tmp_path / "dense", tmp_path / "out", calib_txt, "--method", "wanda", "--sparsity", "0.5", *extra)
+    assert result.exit_code == 0, result.output
+    metadata = json.loads((tmp_path / "out" / "compression.json").read_text())
+    experts_rows = [r for r in metadata["report"]["layers"] if ".experts." in r["name"]]
+    assert len(experts_rows) == 2 * 8 * 3
+    if extra[0] == "--allocation":  # per-block sparsities around the target, the mean kept
+        blocks = metadata["recipe"]["prune"]["block_sparsity"]
+        assert len(blocks) == 2 and sum(blocks) / 2 == pytest.approx(0.5, abs=1e-6)
+    weighted = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in experts_rows)
+    assert weighted / sum(r["shape"][0] * r["shape"][1] for r in experts_rows) == pytest.approx(0.5, abs=0.05)
