@@ -56,7 +56,7 @@ def load(spec: str, dtype: str = "auto"):
     Raises:
         ModelError: missing path, not a causal LM, or not loadable.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_dtype(dtype)
     path = Path(spec)
@@ -71,8 +71,10 @@ def load(spec: str, dtype: str = "auto"):
     try:
         if path.is_dir() and any(path.glob("*.safetensors")):
             _check_shapes(path)  # before transformers, whose refusal comes after a multi-line report
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        tokenizer = tokenizer_of(where, spec, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+    except ModelError:
+        raise
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ModelError(f"{spec!r} is not a causal LM: compress needs a model AutoModelForCausalLM loads") from err
@@ -95,6 +97,27 @@ def load(spec: str, dtype: str = "auto"):
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def tokenizer_of(where, spec: str, **kwargs):
+    """The tokenizer saved beside ``spec``'s weights.
+
+    Raises:
+        ModelError: there is none (transformers then fails, or makes an empty one).
+    """
+    from transformers import AutoTokenizer
+
+    fix = (f"{spec!r} has no tokenizer (no tokenizer.json or tokenizer_config.json beside the weights): save the "
+           f"model's tokenizer into the folder (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (ValueError, OSError) as err:
+        if Path(spec).is_dir() and not any(Path(spec).glob("tokenizer*")):
+            raise ModelError(fix) from err
+        raise
+    if len(tokenizer) < 2:
+        raise ModelError(fix)
+    return tokenizer
 
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # name or owner/name
@@ -154,7 +177,7 @@ def open_streamed(spec: str, dtype: str = "auto"):
         names are not the model's own (older layouts transformers renames on load): use ``load`` then.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress.checkpoint import Checkpoint, check_shapes, materialize, streamable
     from compress.experts import name_per_expert, unfuse_experts
@@ -189,7 +212,7 @@ def open_streamed(spec: str, dtype: str = "auto"):
     model.tie_weights()
     model.eval()
     model.config.use_cache = False
-    return model, AutoTokenizer.from_pretrained(path), checkpoint
+    return model, tokenizer_of(path, spec), checkpoint
 
 
 def _config_dtype(config) -> torch.dtype:

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from compress.calibration.stats import resolve_precision
 from compress.cli import app
 from compress.evals.perplexity import perplexity
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, build
 
 runner = CliRunner()
 
@@ -150,6 +150,11 @@ def test_missing_model_non_causal_model_and_unreadable_calib(tmp_path, calib_txt
     tokenizer.save_pretrained(t5)
     non_causal = _prune(t5, out, calib_txt, "--sparsity", "0.5")
     assert non_causal.exit_code == 2 and "is not a causal LM" in non_causal.output
+
+    bare = tmp_path / "no-tokenizer"
+    build("llama").save_pretrained(bare)  # weights and config, no tokenizer files
+    untokenized = _prune(bare, out, calib_txt, "--sparsity", "0.5")
+    assert untokenized.exit_code == 2 and "has no tokenizer" in untokenized.output, untokenized.output
 
     binary = tmp_path / "calib.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
