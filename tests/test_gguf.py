@@ -198,7 +198,7 @@ def test_bad_gguf_recipes_are_one_line_exit_2_nothing_written(flags, message, sa
 
 
 @pytest.mark.parametrize("family,out,fmt,message", [
-    ("opt", "out.gguf", "gguf", "architecture 'opt' is not written yet (supported: llama, mistral, qwen2, qwen3)"),
+    ("opt", "out.gguf", "gguf", "architecture 'opt' is not written yet (supported: llama, mistral, qwen2, qwen3, qwen3_moe)"),
     ("gpt2", "out.gguf", "gguf", "architecture 'gpt2' is not written yet"),
     ("llama", "out", "gguf", "a GGUF is one file, use --format gguf with an --out ending in .gguf"),
     ("llama", "out.gguf", "dense", "a GGUF is one file"),

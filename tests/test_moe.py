@@ -12,10 +12,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from compress import experts
+from compress import experts, models
+from compress.calibration.data import calibration_batches
 from compress.calibration.stats import Gram, reconstruction_error
 from compress.cli import app
 from compress.config import Pattern, PruneConfig, Recipe
+from compress.pipeline import compress_sequential
 from compress.pruning import InputStats
 from compress.weights import compress_weight
 from tests.conftest import VOCAB, outlier_inputs
@@ -35,9 +37,9 @@ MOE = {  # tiny configs of transformers' own MoE families: 2 layers, 4-8 experts
 TOP_K = 2
 
 
-def build_moe(family: str, seed: int = 0) -> torch.nn.Module:
+def build_moe(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    kw = {"intermediate_size": 128, **MOE[family]}  # dense MLPs (DeepSeek's first block, shared experts) or experts
+    kw = {"intermediate_size": 128, **MOE[family], **overrides}  # dense MLPs (DeepSeek's first block, shared experts) or experts
     config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB,
                                   max_position_embeddings=256, num_experts_per_tok=TOP_K, **kw)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -172,6 +174,9 @@ def test_moe_models_refuse_formats_without_experts_and_bad_options(tmp_path, tok
     vllm = _prune(tmp_path / "dense", tmp_path / "p", calib_txt, "--quant", "w4g32", "--format", "compressed-tensors")
     assert vllm.exit_code == 2 and "does not write mixture-of-experts experts yet" in vllm.output
     assert not (tmp_path / "p").exists()
+    unnormalized = _prune(tmp_path / "dense", tmp_path / "q.gguf", calib_txt, "--quant", "w8g32", "--format", "gguf")
+    assert unnormalized.exit_code == 2 and "renormalizes the top-k routing weights" in unnormalized.output
+    assert not (tmp_path / "q.gguf").exists()
     bad = _prune(tmp_path / "dense", tmp_path / "q", calib_txt, "--method", "wanda", "--sparsity", "0.5",
                  "--moe-calibration", "some")
     assert bad.exit_code == 2 and "--moe-calibration 'some' is not one of routed, all" in bad.output
@@ -276,3 +281,49 @@ def test_owl_and_dsnot_run_on_experts(extra, tmp_path, tokenizer, calib_txt):
         assert len(blocks) == 2 and sum(blocks) / 2 == pytest.approx(0.5, abs=1e-6)
     weighted = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in experts_rows)
     assert weighted / sum(r["shape"][0] * r["shape"][1] for r in experts_rows) == pytest.approx(0.5, abs=0.05)
+
+
+def test_gguf_of_a_pruned_qwen3_moe_stacks_the_experts_and_llama_cpp_runs_it(tmp_path, tokenizer, calib_txt):
+    """llama.cpp's qwen3moe: each block's experts as one (experts, out, in) tensor per matrix (ffn_*_exps) in Q8_0
+    holding exactly the dense export's weights, the router as ffn_gate_inp; llama.cpp's greedy tokens are
+    transformers' on the dense export."""
+    import subprocess
+
+    from tests.test_gguf import _gpt2_bytes, _read, llama_cpp_bin
+
+    folder = tmp_path / "dense-in"
+    build_moe("qwen3_moe", norm_topk_prob=True).save_pretrained(folder)  # llama.cpp's qwen3moe renormalizes
+    tokenizer.save_pretrained(folder)
+    flags = ["--method", "wanda", "--pattern", "2:4", "--quant", "w8g32"]
+    assert (r := _prune(folder, tmp_path / "m.gguf", calib_txt, *flags, "--format", "gguf")).exit_code == 0, r.output
+    tensors, fields = _read(tmp_path / "m.gguf")
+    assert fields["general.architecture"].contents() == "qwen3moe"
+    assert fields["qwen3moe.expert_count"].contents() == 8 and fields["qwen3moe.expert_used_count"].contents() == TOP_K
+    recipe = Recipe.from_dict(json.loads(fields["compress.compression_json"].contents())["recipe"])
+    reference, folder_tokenizer = models.load(str(folder))  # the run in memory, scales in fp16 as GGUF's
+    experts.unfuse_experts(reference)
+    compress_sequential(reference, calibration_batches(folder_tokenizer, recipe.calib)[0], recipe, scale_dtype=torch.float16)
+    for i in range(2):
+        mlp = reference.model.layers[i].mlp
+        for matrix, ours in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            kind, stacked = tensors[f"blk.{i}.{ours}.weight"]
+            expected = torch.stack([getattr(mlp.experts[e], matrix).weight.detach() for e in range(8)])
+            assert kind == "Q8_0" and torch.equal(stacked.reshape(expected.shape), expected), (i, matrix)
+            assert int((expected.reshape(-1, 4) != 0).sum(-1).max()) == 2  # 2:4 in the file
+        assert torch.equal(tensors[f"blk.{i}.ffn_gate_inp.weight"][1].reshape(8, 64), mlp.gate.weight.detach().half().float())
+    if llama_cpp_bin() is None:
+        return
+    prompt = "The game was released in"
+    cmd = [str(llama_cpp_bin() / "llama-completion"), "-m", str(tmp_path / "m.gguf"), "-p", prompt, "-n", "12", "--temp",
+           "0", "-no-cnv", "--no-display-prompt", "--special", "-t", "1", "--ignore-eos", "--no-warmup"]
+    for _ in range(10):  # llama.cpp's log thread can drop the tail of a fast run's output: rerun
+        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        if b"perf_print" in proc.stderr:
+            break
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        new = reference.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    to_byte = _gpt2_bytes()
+    expected = b"".join(bytes(to_byte[c] for c in tokenizer.convert_ids_to_tokens(i)) for i in new)
+    assert len(new) == 12 and proc.stdout.removesuffix(b"\n\n") == expected, (proc.stdout, expected)

@@ -60,7 +60,7 @@ def check_format(fmt: str, recipe, out: Path | None = None, gguf_dtype: str = "f
 def check_layers(fmt: str, recipe, model) -> None:
     """Refuse (once the model is loaded, before calibration) compressed-tensors for a model with other linears
     than ``nn.Linear`` (GPT-2's Conv1D) that the recipe compresses: vLLM's loader maps nn.Linear layers.
-    (Packed layouts hold any linear's ``(out, in)`` codes.) Mixture-of-experts experts go to dense and packed only.
+    (Packed layouts hold any linear's ``(out, in)`` codes.) Mixture-of-experts experts go to dense, packed and (Qwen3-MoE) GGUF.
 
     Raises:
         OutputError: naming the layer and the fix.
@@ -69,9 +69,9 @@ def check_layers(fmt: str, recipe, model) -> None:
     from compress.experts import expert_blocks
 
     moe = next(iter(expert_blocks(model)), None)
-    if moe is not None and fmt not in ("dense", "packed"):
+    if moe is not None and fmt not in ("dense", "packed", "gguf"):  # gguf: its architecture check
         raise OutputError(f"--format {fmt} does not write mixture-of-experts experts yet ({moe}): use --format dense "
-                          f"or packed")
+                          f", packed or gguf (Qwen3-MoE)")
     if fmt != "compressed-tensors":
         return
     prefix, blocks = models.decoder_blocks(model)

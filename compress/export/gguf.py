@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 SCALE_DTYPE = torch.float16
 GGUF_DTYPES = ("f16", "bf16", "f32", "q8_0")
 # transformers' model_type -> (llama.cpp's architecture, q/k rows reordered for its rotary layout)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+         "qwen3_moe": ("qwen3moe", False)}
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")  # one expert's linear
 BLOCK = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 
 
@@ -97,6 +100,11 @@ class TensorNames:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_head
 
     def name(self, hf_name: str) -> str:
+        """llama.cpp's name of ``hf_name``; an expert's linear (``...experts.3.gate_proj.weight``) names the
+        stacked tensor of its block's experts (``blk.N.ffn_gate_exps.weight``)."""
+        expert = EXPERT.fullmatch(hf_name)
+        if expert:
+            hf_name = f"{expert[1]}.{expert[3]}.weight"  # the converter's merged name
         found = self.map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in self.allowed:
             raise OutputError(f"--format gguf: llama.cpp's {self.arch_name} architecture has no tensor for {hf_name}: "
@@ -146,14 +154,19 @@ def encode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
 def block_state(state: dict[str, torch.Tensor], quantized: dict, names: TensorNames) -> dict[str, torch.Tensor]:
     """One shard's tensors under llama.cpp's names: quantized linears as their GGML blocks (uint8), the rest
     as they are (converted when the file is assembled). ``quantized``: ``QuantizedWeight`` by module name."""
-    out = {}
+    out, experts = {}, {}
     for hf_name, t in state.items():
         module, _, kind = hf_name.rpartition(".")
         q = quantized.get(module) if kind == "weight" else None
         if q is not None:
             t = encode(q.codes, q.grid.scale, q.grid.zero, q.grid.bits)
         gguf_name = names.name(hf_name)
-        out[gguf_name] = names.rows(gguf_name, t)
+        if expert := EXPERT.fullmatch(hf_name):  # stacked below, in expert order: (experts, out, in or bytes)
+            experts.setdefault(gguf_name, {})[int(expert[2])] = t
+        else:
+            out[gguf_name] = names.rows(gguf_name, t)
+    for gguf_name, by_index in experts.items():
+        out[gguf_name] = torch.stack([by_index[e] for e in range(len(by_index))])
     return out
 
 
@@ -177,11 +190,18 @@ def head_state(model, state: dict[str, torch.Tensor], recipe, names: TensorNames
 def check_model(model, tokenizer, source: str) -> None:
     """Refuse (after loading, before calibration) a model GGUF cannot hold: an architecture, tensor, rotary
     scaling or tokenizer compress does not write."""
+    from compress.experts import per_expert_names
     from compress.export.gguf_vocab import vocabulary
 
     names = TensorNames(model.config)
-    for hf_name in model.state_dict():
-        names.name(hf_name)
+    with per_expert_names(model):
+        for hf_name in model.state_dict():
+            names.name(hf_name)
+    config = model.config
+    if config.model_type == "qwen3_moe" and (not config.norm_topk_prob or config.mlp_only_layers
+                                             or config.decoder_sparse_step != 1):
+        raise OutputError("--format gguf: llama.cpp's qwen3moe renormalizes the top-k routing weights in every block "
+                          "(norm_topk_prob, no dense-MLP layers); this model differs: use --format dense")
     head_dim = getattr(model.config, "head_dim", None)
     if model.config.model_type == "qwen3" and head_dim not in (None, 128):
         log.warning("--format gguf: llama.cpp reads this Qwen3's head_dim %d from the file, transformers' GGUF reader "
@@ -221,6 +241,10 @@ def _metadata(writer, config, names: TensorNames, file_type: int) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "num_experts", None):
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
