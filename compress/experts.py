@@ -213,6 +213,19 @@ def per_expert_names(module: nn.Module) -> Iterator[None]:
             m.fused_names = fused
 
 
+def routers(model: nn.Module) -> list[str]:
+    """Names of the modules beside each block's experts holding a weight of one row per expert (or one: a
+    shared-expert gate): the routers, which stay dense."""
+    found = []
+    for name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, ExpertLinears):
+                found += [f"{name}.{n}" if name else n for n, c in parent.named_children()
+                          if isinstance(getattr(c, "weight", None), torch.Tensor) and c.weight.dim() == 2
+                          and c.weight.shape[0] in (1, child.num_experts)]
+    return found
+
+
 def expert_blocks(model: nn.Module) -> dict[str, ExpertLinears]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertLinears)}
 

@@ -297,17 +297,11 @@ def is_linear(module: nn.Module) -> bool:
 
 def linears(block: nn.Module) -> dict[str, nn.Module]:
     """The block's prunable linear layers by name relative to the block, in definition order; a
-    mixture-of-experts router (a linear beside the experts with one output per expert, or one: Qwen2-MoE's
-    shared-expert gate) stays as it is."""
-    from compress.experts import ExpertLinears
+    mixture-of-experts router (``experts.routers``: Qwen2-MoE's shared-expert gate is an nn.Linear) stays."""
+    from compress.experts import routers
 
-    routers = set()
-    for name, m in block.named_modules():
-        for child_name, child in m.named_children():
-            if isinstance(child, ExpertLinears):
-                routers |= {f"{name}.{n}" if name else n for n, c in m.named_children()
-                            if is_linear(c) and weight_view(c).shape[0] in (1, child.num_experts)}
-    return {name: m for name, m in block.named_modules() if name and is_linear(m) and name not in routers}
+    kept = set(routers(block))
+    return {name: m for name, m in block.named_modules() if name and is_linear(m) and name not in kept}
 
 
 def gated_up_projection(block: nn.Module, name: str) -> str | None:

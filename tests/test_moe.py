@@ -169,11 +169,8 @@ def test_all_tokens_calibration_feeds_every_expert_every_token(tmp_path, tokeniz
     assert metadata["moe"] == {"blocks": 2, "calibration": "all", "min_tokens": 16}
 
 
-def test_moe_models_refuse_formats_without_experts_and_bad_options(tmp_path, tokenizer, calib_txt):
+def test_moe_models_refuse_what_llama_cpp_computes_otherwise_and_bad_options(tmp_path, tokenizer, calib_txt):
     _save("qwen3_moe", tmp_path / "dense", tokenizer)
-    vllm = _prune(tmp_path / "dense", tmp_path / "p", calib_txt, "--quant", "w4g32", "--format", "compressed-tensors")
-    assert vllm.exit_code == 2 and "does not write mixture-of-experts experts yet" in vllm.output
-    assert not (tmp_path / "p").exists()
     unnormalized = _prune(tmp_path / "dense", tmp_path / "q.gguf", calib_txt, "--quant", "w8g32", "--format", "gguf")
     assert unnormalized.exit_code == 2 and "renormalizes the top-k routing weights" in unnormalized.output
     assert not (tmp_path / "q.gguf").exists()
@@ -327,3 +324,20 @@ def test_gguf_of_a_pruned_qwen3_moe_stacks_the_experts_and_llama_cpp_runs_it(tmp
     to_byte = _gpt2_bytes()
     expected = b"".join(bytes(to_byte[c] for c in tokenizer.convert_ids_to_tokens(i)) for i in new)
     assert len(new) == 12 and proc.stdout.removesuffix(b"\n\n") == expected, (proc.stdout, expected)
+
+
+def test_compressed_tensors_names_each_expert_and_loads_in_transformers(tmp_path, tokenizer, calib_txt):
+    _save("qwen3_moe", tmp_path / "dense-in", tokenizer)
+    recipe = ["--method", "sparsegpt", "--pattern", "2:4", "--quant", "w4g32"]
+    for fmt in ("dense", "compressed-tensors"):
+        result = _prune(tmp_path / "dense-in", tmp_path / fmt, calib_txt, *recipe, "--format", fmt)
+        assert result.exit_code == 0, result.output
+    names = set().union(*(safe_open(str(f), "pt").keys() for f in (tmp_path / "compressed-tensors").glob("*.safetensors")))
+    assert "model.layers.0.mlp.experts.7.down_proj.weight_packed" in names  # vLLM's per-expert names
+    config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.gate" in config["ignore"]  # the router stays dense
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors")(ids).logits
+    assert (got - want).abs().max() < 1e-3

@@ -41,7 +41,10 @@ def pack_state(state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dty
 
 def quantization_config(model, quantized_names: set[str], recipe) -> dict:
     """The ``quantization_config`` transformers and vLLM read for compressed-tensors ``pack-quantized``."""
+    from compress.experts import routers
+
     unquantized = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized_names]
+    unquantized += [n for n in routers(model) if n not in unquantized]  # vLLM's gate linears, kept dense
     scheme = {"targets": ["Linear"], "format": "pack-quantized", "input_activations": None, "output_activations": None,
               "weights": _weight_args(recipe.quant)}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",

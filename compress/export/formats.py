@@ -60,20 +60,15 @@ def check_format(fmt: str, recipe, out: Path | None = None, gguf_dtype: str = "f
 def check_layers(fmt: str, recipe, model) -> None:
     """Refuse (once the model is loaded, before calibration) compressed-tensors for a model with other linears
     than ``nn.Linear`` (GPT-2's Conv1D) that the recipe compresses: vLLM's loader maps nn.Linear layers.
-    (Packed layouts hold any linear's ``(out, in)`` codes.) Mixture-of-experts experts go to dense, packed and (Qwen3-MoE) GGUF.
+    (Packed layouts hold any linear's ``(out, in)`` codes.)
 
     Raises:
         OutputError: naming the layer and the fix.
     """
-    from compress import models
-    from compress.experts import expert_blocks
-
-    moe = next(iter(expert_blocks(model)), None)
-    if moe is not None and fmt not in ("dense", "packed", "gguf"):  # gguf: its architecture check
-        raise OutputError(f"--format {fmt} does not write mixture-of-experts experts yet ({moe}): use --format dense "
-                          f", packed or gguf (Qwen3-MoE)")
     if fmt != "compressed-tensors":
         return
+    from compress import models
+
     prefix, blocks = models.decoder_blocks(model)
     for i, block in enumerate(blocks):
         for name, module in models.linears(block).items():

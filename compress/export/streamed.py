@@ -132,7 +132,7 @@ class StreamedOutput:
         from compress.checkpoint import release
         from compress.experts import per_expert_names
 
-        with per_expert_names(block) if self.fmt in ("packed", "gguf") else nullcontext():  # experts one by one
+        with per_expert_names(block) if self.fmt != "dense" else nullcontext():  # experts one by one
             state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
         if self.fmt == "compressed-tensors":
             state = compressed_tensors.pack_state(state, quantized, self.dtype)
