@@ -74,9 +74,9 @@ class ExpertLinears(nn.ModuleList):
         self.transposed, self.concatenated = bool(fused.is_transposed), bool(getattr(fused, "is_concatenated", True))
         self.has_bias = bool(getattr(fused, "has_bias", False))
         hidden, two_i = (a, b) if self.transposed else (b, a)
-        like = fused.gate_up_proj
-        super().__init__([Expert(hidden, two_i // 2, self.has_bias, like.device, like.dtype) for _ in range(E)])
-        self.num_experts, self.hidden, self.intermediate = E, hidden, two_i // 2
+        # on the meta device: unfuse_experts gives every linear its tensor (views of the fused ones)
+        super().__init__([Expert(hidden, two_i // 2, self.has_bias, "meta", fused.gate_up_proj.dtype) for _ in range(E)])
+        self.num_experts = E
         self._apply_gate = fused._apply_gate  # the model's own activation (the bound method keeps the module)
         self._order = [n for n, _ in fused.named_parameters(recurse=False)]  # the checkpoint's order of them
         for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):

@@ -63,17 +63,10 @@ def _prune(model_dir, out, calib, *extra):
 
 
 def _expert_weights(model) -> dict[str, torch.Tensor]:
-    """``{block.experts.e.matrix: (out, in)}`` of a fused model, through the same split the pipeline uses."""
-    out = {}
-    for name, module in list(model.named_modules()):
-        if experts.is_fused_experts(module):
-            fused = {n: getattr(module, n).detach() for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias",
-                                                               "down_proj_bias") if getattr(module, n, None) is not None}
-            view = experts.ExpertLinears.__new__(experts.ExpertLinears)  # only the layout flags split reads
-            view.transposed, view.concatenated = bool(module.is_transposed), bool(getattr(module, "is_concatenated", True))
-            view.has_bias, view.num_experts = bool(getattr(module, "has_bias", False)), module.gate_up_proj.shape[0]
-            out |= {f"{name}.{k.removesuffix('.weight')}": t for k, t in view.split(fused).items() if k.endswith("weight")}
-    return out
+    """``{block.experts.e.matrix: (out, in)}``: ``model``'s experts as the pipeline sees them (unfused in place)."""
+    experts.unfuse_experts(model)
+    return {f"{name}.{e}.{matrix}": getattr(moe[e], matrix).weight.detach()
+            for name, moe in experts.expert_blocks(model).items() for e in range(moe.num_experts) for matrix in experts.MATRICES}
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -67,7 +67,7 @@ Int8Rows quantize_rows(const float* x, int64_t batch, int64_t in, bool even_odd,
           const int8_t v = static_cast<int8_t>(std::nearbyint(left[i] * inv));  // ties to even, as torch.round
           sum += v;
           qk[even_odd ? (i & ~7) + (i & 1) * 4 + (i & 7) / 2 : i] = v;
-          left[i] -= static_cast<float>(v) * d;
+          if (l + 1 < levels) left[i] -= static_cast<float>(v) * d;  // what the next level rounds
         }
         r.d[row * blocks + k] = d;
         r.qsum[row * blocks + k] = static_cast<float>(sum);
