@@ -46,9 +46,12 @@ class BlockCompressor:
 
     def __init__(self, block: nn.Module, groups: list[list[str]], recipe: Recipe, block_name: str, gram_stride: int,
                  hist_stride: int = 1, act_edges: tuple[int, ...] = (), scale_dtype: torch.dtype | None = None,
-                 min_tokens: dict[str, int] | None = None):
+                 min_tokens: dict[str, int] | None = None, keep_codes: bool = True, codes_only: bool = False):
         """``min_tokens``: linears (experts) compressed without data (identity statistics: magnitude, RTN) when
-        fewer calibration tokens reached them; their Gram matrices take every token."""
+        fewer calibration tokens reached them; their Gram matrices take every token. ``keep_codes``: quantized
+        linears' integer form goes to ``quantized`` (not for an output that writes weights only);
+        ``codes_only``: a quantized linear then drops its weight and decodes its codes at each later call in
+        the block's forward (a streamed run writes the codes: the block's dense weights need not stay)."""
         self.modules = models.linears(block)
         self.min_tokens = min_tokens or {}
         self.rows: dict[int, int] = {}  # group -> calibration tokens that reached it
@@ -63,6 +66,10 @@ class BlockCompressor:
         self.compressed: set[int] = set()
         self.reports: list[LayerReport] = []
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.keep_codes = keep_codes
+        self.codes_only = codes_only and keep_codes
+        self._handles: list = []  # hooks the current run installed
+        self._codes_only: dict[str, _CodesOnly] = {}
         self.acts = ActivationCalibration(block, block_name, self.group_of, recipe.act, hist_stride, act_edges)
         self._local = threading.local()
         self._stop_at: int | None = None  # bounded mode: the group the current pass stops at
@@ -84,6 +91,8 @@ class BlockCompressor:
                 self.acts.feed(name, x, hists)
             if self._stop_at is None:
                 self._park(g)
+                if name in self._codes_only:  # compressed while this call waited: its pre-hooks have run
+                    self._codes_only[name].decode(module)
             elif g == self._stop_at:
                 raise _Stop  # bounded: this pass only had to reach the group
             else:
@@ -144,7 +153,7 @@ class BlockCompressor:
                 self._parked_at[c] = FINISHED
                 self._yielded.release()
 
-        handles = self._install_hooks(block)
+        self._handles = self._install_hooks(block)
         workers = [threading.Thread(target=work, args=(c,), name=f"{self.block_name}-chunk{c}", daemon=True) for c in range(n)]
         for worker in workers:
             worker.start()
@@ -167,13 +176,17 @@ class BlockCompressor:
         finally:
             for worker in workers:
                 worker.join()
-            for h in handles:
-                h.remove()
+            self._remove_hooks()
         return outputs
 
     def _install_hooks(self, block: nn.Module) -> list:
         handles = [self.modules[n].register_forward_pre_hook(lambda m, a, n=n: self.hook(n, m, a)) for n in self.group_of]
         return handles + self.acts.hooks(block)
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._codes_only = [], {}  # (dropped weights stay dropped: the IO writes the codes)
 
     def _note_act_sparsity(self) -> None:
         """Each report's achieved activation sparsity on the calibration inputs, from its sparsifier's counts."""
@@ -183,7 +196,7 @@ class BlockCompressor:
     def run_bounded(self, block: nn.Module, inputs: list[BlockInputs]) -> list[torch.Tensor]:
         """``run``'s result with one chunk's activations alive at a time (module docstring): per group, a pass
         over the chunks that stops at it; then a pass for the outputs."""
-        handles = self._install_hooks(block)
+        self._handles = self._install_hooks(block)
         try:
             for g, names in enumerate(self.groups):
                 self._stop_at = g
@@ -198,8 +211,7 @@ class BlockCompressor:
             outputs = [forward_block(block, inp, self.recipe.forward_precision) for inp in inputs]
             self._note_act_sparsity()
         finally:
-            for h in handles:
-                h.remove()
+            self._remove_hooks()
         return outputs
 
     @torch.no_grad()
@@ -223,8 +235,11 @@ class BlockCompressor:
             W_hat = W.float()
             full = f"{self.block_name}.{name}"
             grid = result.grid
-            if grid is not None:
+            if grid is not None and self.keep_codes:
                 self.quantized[full] = QuantizedWeight(result.codes, grid)
+                if self.codes_only:
+                    self._codes_only[name] = _CodesOnly(self.modules[name], self.quantized[full])
+                    self._handles += self._codes_only[name].hooks(self.modules[name])
             self.reports.append(LayerReport(
                 name=full,
                 shape=tuple(W.shape),
@@ -242,6 +257,29 @@ class BlockCompressor:
             self.acts.set_thresholds(name, hists, W_hat)
         self.compressed.add(g)
         allocator.trim()
+
+
+class _CodesOnly:
+    """A quantized linear that holds its codes only: its weight is dropped (to the meta device) and decoded for
+    each later call, for that call alone; ``grid.decode(codes)`` is the compressed weight, so the outputs are
+    the same."""
+
+    def __init__(self, linear: nn.Module, held: QuantizedWeight):
+        weight = linear.weight
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
+        self.held = held
+        self.dropped = nn.Parameter(torch.empty(self.shape, dtype=self.dtype, device="meta"), requires_grad=False)
+        self.drop(linear)
+
+    def decode(self, linear: nn.Module, *_args) -> None:
+        linear._parameters["weight"] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        models.weight_view(linear).copy_(self.held.grid.decode(self.held.codes))
+
+    def drop(self, linear: nn.Module, *_args) -> None:
+        linear._parameters["weight"] = self.dropped
+
+    def hooks(self, linear: nn.Module) -> list:
+        return [linear.register_forward_pre_hook(self.decode, prepend=True), linear.register_forward_hook(self.drop)]
 
 
 def forward_block(block: nn.Module, inp: BlockInputs, precision: str = "fp32") -> torch.Tensor:

@@ -87,6 +87,8 @@ class BlockIO(Protocol):
     """Where the driver's blocks come from and go to when the model is not (all) in memory: e.g. read from a
     checkpoint when reached, written to an output shard and dropped when done (``export.StreamedOutput``)."""
 
+    keeps_codes: bool  # ``done`` writes quantized linears' integer codes (a dense output writes weights only)
+
     def started(self, model: nn.Module) -> None:
         """The first block's inputs are captured: the weights outside the blocks are no longer needed."""
 
@@ -101,8 +103,9 @@ class BlockIO(Protocol):
         """The state an interrupted run left to continue from, if any."""
 
     def done(self, index: int, block: nn.Module, quantized: dict[str, "QuantizedWeight"], state: BlockState) -> None:
-        """Block ``index`` is compressed; ``quantized`` holds its quantized linears' integer form and ``state``
-        what the run needs to continue from block ``index + 1`` (the IO may save it)."""
+        """Block ``index`` is compressed; ``quantized`` holds its quantized linears' integer form (the IO may
+        empty it as it writes them) and ``state`` what the run needs to continue from block ``index + 1`` (the
+        IO may save it)."""
 
 
 def _capture(model: nn.Module, tokens: torch.Tensor, device: torch.device, chunk_samples: int | None):
@@ -240,10 +243,11 @@ def compress_sequential(
         with experts.calibrating(block, moe or experts.MoeOptions()) as min_tokens:
             groups = probe_groups(block, probe, targets)
             compressor = BlockCompressor(block, groups, recipe.for_block(i), block_name, gram_stride, hist_stride,
-                                         act_edges, scale_dtype, {n: k for n, k in min_tokens.items() if n in targets})
+                                         act_edges, scale_dtype, {n: k for n, k in min_tokens.items() if n in targets},
+                                         keep_codes=io is None or io.keeps_codes, codes_only=io is not None)
             outputs = compressor.run_bounded(block, inputs) if bounded else compressor.run(block, inputs)
         inputs = [BlockInputs(out, inp.args, inp.kwargs) for out, inp in zip(outputs, inputs)]
-        block.to("cpu")
+        block._apply(lambda t: t if t.is_meta else t.cpu())  # (codes-only linears' weights stay dropped)
         block_report = BlockReport(index=i, seconds=time.perf_counter() - t0, layers=compressor.reports)
         report.blocks.append(block_report)
         report.act_thresholds.update(compressor.acts.thresholds)
@@ -253,6 +257,7 @@ def compress_sequential(
                                                                report.gate_space))
         else:
             report.quantized.update(compressor.quantized)
+        compressor.quantized = {}  # not alive while the next block loads
         log.info("block %d/%d: %.1f s, mean relative error %.4f", i + 1, len(blocks), block_report.seconds, block_report.mean_error)
         if starved := [r for r in compressor.reports if r.data_free]:  # experts the router seldom picked
             log.warning("%s: %d linears got fewer than their minimum of calibration tokens and were compressed without "

@@ -28,12 +28,40 @@ class LayerReport:
     data_free: bool = False  # too few tokens: compressed without data (identity statistics)
 
 
-@dataclass
 class QuantizedWeight:
-    """Integer form of a quantized linear, for compressed exports: ``W = grid.decode(codes)``."""
+    """Integer form of a quantized linear, for compressed exports: ``W = grid.decode(codes)``.
 
-    codes: torch.Tensor  # (out, in) int8
-    grid: QuantGrid
+    Codes of at most 4 bits are held two to a byte (``codes`` unpacks them): a streamed run holds a block's
+    codes until the block is written, and an MoE block's experts hold hundreds of millions of them."""
+
+    def __init__(self, codes: torch.Tensor, grid: QuantGrid):
+        self.grid = grid
+        self.shape = tuple(codes.shape)  # (out, in)
+        self._held = pack_nibbles(codes) if grid.bits <= 4 else codes
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """``(out, in)`` int8 codes in ``[grid.qmin, grid.qmax]``."""
+        return unpack_nibbles(self._held, self.shape[1]) if self.grid.bits <= 4 else self._held
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held.numel() * self._held.element_size()
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """``(rows, cols)`` int8 codes in [-8, 7] -> ``(rows, ceil(cols / 2))`` uint8: column ``2j`` in the low
+    nibble of byte ``j``, ``2j + 1`` in its high one."""
+    low_bits = codes.to(torch.uint8) & 0xF  # (rows, cols): two's complement, 4 bits
+    if low_bits.shape[1] % 2:
+        low_bits = torch.nn.functional.pad(low_bits, (0, 1))
+    return low_bits[:, 0::2] | (low_bits[:, 1::2] << 4)
+
+
+def unpack_nibbles(held: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_nibbles``: ``(rows, cols)`` int8."""
+    pairs = torch.stack((held & 0xF, held >> 4), dim=-1).reshape(held.shape[0], -1)[:, :cols]  # (rows, cols) in [0, 16)
+    return (pairs.to(torch.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
 
 
 @dataclass

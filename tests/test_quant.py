@@ -7,6 +7,7 @@ from compress.kernels.formats import pack_int32, unpack_int32
 from compress.pruning import InputStats
 from compress.quant import gptq, rtn
 from compress.quant.grid import QuantGrid
+from compress.reports import QuantizedWeight
 from compress.weights import compress_weight
 from tests.conftest import outlier_inputs
 
@@ -51,6 +52,17 @@ def test_pack_matches_bitwise_reference_and_round_trips(bits, cols):
     along_rows = pack_int32(codes.t().contiguous(), bits, dim=0)
     assert along_rows.shape == (-(-cols * bits // 32), 3)
     assert torch.equal(unpack_int32(along_rows, bits, (cols, 3), dim=0), codes.t())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("cols", [1, 6, 33])
+def test_quantized_weight_holds_small_codes_as_nibbles_and_gives_them_back(bits, cols):
+    gen = torch.Generator().manual_seed(bits * 100 + cols)
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, cols), generator=gen).to(torch.int8)
+    grid = QuantGrid(torch.ones(5, 1), None, bits, cols)
+    held = QuantizedWeight(codes, grid)
+    assert torch.equal(held.codes, codes) and held.codes.dtype == torch.int8
+    assert held.held_bytes == (5 * -(-cols // 2) if bits <= 4 else codes.numel())
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from compress import export, models
+from compress import experts, export, models
 from compress.checkpoint import INDEX_FILE, Checkpoint
 from compress.config import Pattern, PruneConfig, QuantConfig, Recipe
-from compress.export import compressed_tensors
+from compress.export import compressed_tensors, packed
 from compress.pipeline import compress_sequential
 from tests.conftest import VOCAB
 
@@ -43,28 +43,42 @@ def test_checkpoint_reads_every_dtype_of_sharded_files_as_safetensors_does(tmp_p
 
 
 class _Watch(export.StreamedOutput):
-    """Notes, whenever a block is loaded, how many blocks hold real (non-meta) weights."""
+    """Notes, whenever a block is loaded, how many blocks hold real (non-meta) weights, and when a block is
+    done, how many of its quantized linears still hold a dense weight."""
 
     resident: list[int]
+    dense_at_done: list[int]
 
     def load(self, index, block):
         super().load(index, block)
         blocks = models.decoder_blocks(self.model)[1]
         self.resident.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
 
+    def done(self, index, block, quantized, block_state=None):
+        self.dense_at_done.append(sum(not self.model.get_submodule(n).weight.is_meta for n in quantized))
+        super().done(index, block, quantized, block_state)
 
-@pytest.mark.parametrize("family", ["llama-tied", "opt", "gpt2"])
+
+@pytest.mark.parametrize("family", ["llama-tied", "opt", "gpt2", "qwen3_moe"])
 @pytest.mark.parametrize("recipe", [Recipe(PruneConfig("sparsegpt", Pattern.parse(pattern="2:4"))),
                                     Recipe(PruneConfig("wanda", Pattern(0.5)), quant=QuantConfig(bits=4, group_size=16))],
                          ids=["sparsegpt24", "wanda+gptq"])
-@pytest.mark.parametrize("fmt", ["dense", "compressed-tensors"])
-def test_streamed_run_writes_the_in_memory_result_one_block_in_memory(family, recipe, fmt, saved_model, tmp_path):
-    if fmt == "compressed-tensors" and (recipe.quant is None or family == "gpt2"):
-        pytest.skip("compressed-tensors holds quantized nn.Linear layers")
-    source = saved_model(family)  # 2 blocks
+@pytest.mark.parametrize("fmt", ["dense", "compressed-tensors", "packed"])
+def test_streamed_run_writes_the_in_memory_result_one_block_in_memory(family, recipe, fmt, saved_model, tokenizer,
+                                                                      tmp_path):
+    if fmt != "dense" and (recipe.quant is None or family == "gpt2"):
+        pytest.skip("compressed-tensors and packed hold quantized nn.Linear layers")
+    if family == "qwen3_moe":
+        from tests.test_moe import _save
+
+        source = tmp_path / "moe"
+        _save(family, source, tokenizer)  # 2 blocks, 8 experts each, per expert in the checkpoint
+    else:
+        source = saved_model(family)  # 2 blocks
     tokens = _tokens()
 
     in_memory, _ = models.load(str(source))
+    experts.unfuse_experts(in_memory)  # as compress.prune does (open_streamed does it too)
     in_memory_report = compress_sequential(in_memory, tokens, recipe)
 
     streamed, tokenizer, checkpoint = models.open_streamed(str(source))
@@ -72,15 +86,19 @@ def test_streamed_run_writes_the_in_memory_result_one_block_in_memory(family, re
     out = tmp_path / "out"
     out.mkdir()
     io = _Watch(streamed, out, checkpoint, fmt, recipe)
-    io.model, io.resident = streamed, []
+    io.model, io.resident, io.dense_at_done = streamed, [], []
     report = compress_sequential(streamed, tokens, recipe, io=io)
     io.finish(streamed, tokenizer, {"report": report.to_dict()})
 
     assert io.resident == [1, 1]
+    assert io.dense_at_done == [0, 0]  # written from their codes: the dense weights were dropped as compressed
     assert len(list(out.glob("model-*-of-00003.safetensors"))) == 3
-    expected = in_memory.state_dict()
+    with experts.per_expert_names(in_memory):  # as the checkpoint stores them (a no-op without experts)
+        expected = in_memory.state_dict()
     if fmt == "compressed-tensors":
         expected = compressed_tensors.pack_state(expected, in_memory_report.quantized, torch.float32)
+    if fmt == "packed":
+        expected = packed.pack_state(expected, in_memory_report.quantized)[0]
     stored = Checkpoint(out)
     tied = {"lm_head.weight"} if in_memory.config.tie_word_embeddings else set()
     assert stored.names() == set(expected) - tied
@@ -88,8 +106,9 @@ def test_streamed_run_writes_the_in_memory_result_one_block_in_memory(family, re
         assert torch.equal(tensor, expected[name]), name
     if fmt == "dense":
         reloaded = AutoModelForCausalLM.from_pretrained(out)
+        fused = in_memory.state_dict()  # transformers' names (fused experts)
         for name, tensor in reloaded.state_dict().items():
-            assert torch.equal(tensor, expected[name]), name
+            assert torch.equal(tensor, fused[name]), name
         if tied:
             assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
 

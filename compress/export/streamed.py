@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from compress.export import compressed_tensors, gguf, packed
+from compress.kernels import allocator
 from compress.outputs import GGUF_FILE, METADATA, RESUME_STATE, finish_state, versions
 
 
@@ -64,6 +65,7 @@ class StreamedOutput:
         self._saved_at = time.monotonic()
         self.checkpoint = checkpoint
         self.fmt = fmt
+        self.keeps_codes = fmt != "dense"
         self.recipe = recipe
         self.dtype = next(iter(model.parameters())).dtype
         self.quantized_names: set[str] = set()
@@ -134,17 +136,21 @@ class StreamedOutput:
 
         with per_expert_names(block) if self.fmt != "dense" else nullcontext():  # experts one by one
             state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
-        if self.fmt == "compressed-tensors":
-            state = compressed_tensors.pack_state(state, quantized, self.dtype)
-            self.quantized_names.update(quantized)
-        elif self.fmt == "packed":
-            act = self.recipe.act if self.recipe is not None else None
-            state, layers = packed.pack_state(state, quantized, {n for n in quantized if act and act.target_for(n)})
-            self.packed_layers.update(layers)
-        elif self.fmt == "gguf":
+        if self.fmt == "gguf":
             state = gguf.block_state(state, quantized, self.gguf_names)
+        act = self.recipe.act if self.recipe is not None else None
+        for name in list(quantized) if self.fmt in ("compressed-tensors", "packed") else ():
+            one = {name: quantized.pop(name)}  # one linear at a time: its codes go as its stored form comes
+            if self.fmt == "compressed-tensors":
+                state = compressed_tensors.pack_state(state, one, self.dtype)
+                self.quantized_names.add(name)
+            else:
+                state, layers = packed.pack_state(state, one, {name} if act and act.target_for(name) else set())
+                self.packed_layers.update(layers)
+        quantized.clear()
         self.writer.write(index, state)
         release(block)
+        allocator.trim()  # what packing left in the reuse cache: the next block's load needs the room
         if (block_state is not None and self.save_every is not None and block_state.next_block < self.n_blocks
                 and time.monotonic() - self._saved_at >= self.save_every):
             self._save(block_state)
