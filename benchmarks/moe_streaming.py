@@ -4,7 +4,7 @@ A random Qwen3-MoE of ~2.7B parameters (8 layers, 64 experts of 768 x 2048, top-
 4 KV heads, SmolLM2's 49152-token vocabulary untied; bf16, saved by transformers in the hub's per-expert
 layout, so compress streams it block by block) is pruned by ``compress prune`` in a child process (Wanda 2:4 +
 RTN W4 g64, ``--format packed``; calibration ``--nsamples`` x ``--seqlen`` tokens of WikiText-2 valid.txt):
-its peak RSS (``/usr/bin/time -v``) is set against the bytes of one decoder block, of the weights outside
+its peak RSS (and its range over each block) is set against the bytes of one decoder block, of the weights outside
 the blocks and of the whole model. Then the packed folder (through ``compress.load``: each chosen expert's
 products on the kernels) and the dense model (transformers) decode greedily after a short prompt, the two
 interleaved, medians of ``--repeats``.
@@ -19,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,18 +51,43 @@ def synthetic_moe(work: Path) -> Path:
 
 
 def prune_streamed(source: Path, out: Path, nsamples: int, seqlen: int) -> dict:
-    """``compress prune`` in a child under ``/usr/bin/time -v``: its peak RSS and wall time."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "compress.cli", "prune", str(source), *RECIPE, "--calib",
-           str(DATA / "valid.txt"), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--out", str(out),
-           "--overwrite"]
+    """``compress prune`` in a child: its wall time, peak RSS (GNU time's: ``getrusage`` would report this
+    process's own high-water mark, which a vforked child inherits), and the RSS range over each block (sampled
+    every 50 ms between the pipeline's ``block k/n`` lines), which shows whether memory grows with depth."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "compress.cli", "prune", str(source), *RECIPE, "--calib", str(DATA / "valid.txt"),
+           "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--out", str(out), "--overwrite"]
     start = time.perf_counter()
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    (out.parent / "prune.log").write_text(run.stdout + run.stderr)
-    if run.returncode != 0:
-        raise RuntimeError(f"compress prune failed ({run.returncode}): see {out.parent / 'prune.log'}")
-    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)[1])
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_kib * 1024,
-            "streamed": "loading it whole" not in run.stderr}
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    samples: list[tuple[float, int]] = []  # (seconds since start, RSS bytes)
+    sampler = threading.Thread(target=_sample_rss, args=(child, start, samples), daemon=True)
+    sampler.start()
+    log, marks = [], [0.0]
+    for line in child.stdout:
+        log.append(line)
+        if re.search(r"compress\.pipeline: block \d+/\d+:", line):
+            marks.append(time.perf_counter() - start)
+    child.wait()
+    sampler.join()
+    (out.parent / "prune.log").write_text("".join(log))
+    if child.returncode != 0:
+        raise RuntimeError(f"compress prune failed ({child.returncode}): see {out.parent / 'prune.log'}")
+    blocks = [[r for t, r in samples if a <= t < b] for a, b in zip(marks, marks[1:])]
+    return {"seconds": time.perf_counter() - start,
+            "peak_rss_bytes": int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", "".join(log))[1]) * 1024,
+            "rss_per_block_bytes": [{"min": min(b), "max": max(b)} for b in blocks if b],
+            "streamed": "loading it whole" not in "".join(log)}
+
+
+def _sample_rss(child: subprocess.Popen, start: float, samples: list) -> None:
+    """RSS of GNU time's child (compress) every 50 ms until it ends."""
+    while child.poll() is None:
+        try:
+            pid = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()[0]
+            status = Path(f"/proc/{pid}/status").read_text()
+            samples.append((time.perf_counter() - start, int(re.search(r"VmRSS:\s*(\d+)", status)[1]) * 1024))
+        except (OSError, IndexError, TypeError):
+            pass
+        time.sleep(0.05)
 
 
 def weight_bytes(source: Path) -> dict:
@@ -101,6 +127,8 @@ def main() -> None:
           f"{pruned['peak_rss_bytes'] / 2**30:.2f} GiB; one block {sizes['block'] / 2**30:.2f} GiB, outside the blocks "
           f"{sizes['outside_blocks'] / 2**30:.2f} GiB, calibration activations {activations / 2**30:.2f} GiB per copy, "
           f"the whole model {sizes['all'] / 2**30:.2f} GiB", flush=True)
+    print("RSS over each block, GiB: " + ", ".join(f"{b['min'] / 2**30:.2f}-{b['max'] / 2**30:.2f}"
+                                                 for b in pruned["rss_per_block_bytes"]), flush=True)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
