@@ -6,7 +6,7 @@ its fast path; its fp32-input path is reported too), our dense W4 (group 128, sy
 our input-major activation-sparse product at 50% zero inputs (fp32 and bf16) next to the dense product of the
 same dtype, and our input-major W4 (the layout of packed linears with activation thresholds) at 0% and 50% zero
 inputs next to our row-major W4; and at group 32 (issue 25): our W4 with int8 inputs (integer dot products)
-and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI; portable elsewhere) and fp32 inputs, and at
+and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI or AVX2) and fp32 inputs, and at
 group 64 W4 and 2:4 + W4 on int8 inputs. Integer-kernel layouts hold fp16 scales, as packed folders do; the
 fp32-input kernels read fp32 scales (what a product binds for them), and their bytes count those. Also
 the weight bytes each reads, the GB/s that makes, and the machine's read and copy bandwidth measured the same

@@ -213,7 +213,6 @@ def test_compiled_dequantization_is_exactly_the_layouts_unpack(shape, symmetric)
     x = torch.randn(3, 40, n_in)  # prefill-sized: the wrappers dequantize and call the BLAS
     rounded = reference.int8_rows(x.reshape(-1, n_in)).reshape(x.shape) if group % 32 == 0 else x  # as the GEMV
     _close(kops.q4_dense_mm(x, dense), rounded @ W.t())
-    rounded = rounded if int(kernels.int8_isa()) == 2 else x  # 2:4 takes int8 inputs with AVX-512 VNNI only
     _close(kops.q4_sparse24_mm(x, sparse), rounded @ W24.t())
 
 

@@ -19,8 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "cpu" / name for name in ("kernels.cpp", "int8_dot.cpp", "attention.cpp")]
-HEADERS = [Path(__file__).parent / "cpu" / "isa.h"]
+SOURCES = [Path(__file__).parent / "cpu" / name for name in ("kernels.cpp", "int8_dot.cpp", "int8_sparse24.cpp", "attention.cpp")]
+HEADERS = [Path(__file__).parent / "cpu" / name for name in ("isa.h", "int8_rows.h")]
 NAME = "compress_kernels"
 # -fopenmp: at::parallel_for's OpenMP pragma is compiled into the extension; without it the kernels run on one thread
 CFLAGS = ["-O3", "-fopenmp"]

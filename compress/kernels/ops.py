@@ -2,11 +2,11 @@
 (prefill) the compiled dequantization and one BLAS product; without a compiler, the pure-torch reference.
 
 ``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``. The GEMV kernels of ``Q4Dense``
-weights with groups of 32·k (and of ``Q4Sparse24`` ones where the CPU has AVX-512 VNNI) round their input to
-int8 per block of 32 and take integer dot products (``act_precision`` ``int8``, the default; ``int8x2`` rounds
-twice, the second int8 level taking what the first left over), and prefill rounds its input the same way before
-the BLAS product, so a perplexity measures what decode computes; ``fp32`` keeps the input in fp32 (the
-reference the integer paths are measured against). ``COMPRESS_ACT_PRECISION`` sets the starting choice.
+and ``Q4Sparse24`` weights with groups of 32·k round their input to int8 per block of 32 and take integer dot
+products (``act_precision`` ``int8``, the default; ``int8x2`` rounds twice, the second int8 level taking what
+the first left over), and prefill rounds its input the same way before the BLAS product, so a perplexity
+measures what decode computes; ``fp32`` keeps the input in fp32 (the reference the integer paths are measured
+against). ``COMPRESS_ACT_PRECISION`` sets the starting choice.
 Without the compiled kernels (or off the CPU) inputs stay fp32.
 """
 
@@ -74,7 +74,7 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
     if isinstance(w, Q4Sparse24):
         k = k if w.group_size % 8 == 0 else None
         fallback, gemv = reference.q4_sparse24_mm, k and k.q4_sparse24_mm
-        integer = k and w.group_size % 32 == 0 and int(k.int8_isa()) == 2 and k.q4_sparse24_i8_mm  # VNNI only
+        integer = k and w.group_size % 32 == 0 and k.q4_sparse24_i8_mm
         args = (w.data, w.pos, w.scale, w.zero, out, w.group_size)
         unpack = k and (lambda: k.q4_unpack(w.data, w.pos, w.scale, w.zero, out, w.group_size))
     elif isinstance(w, Q4InputMajor):
