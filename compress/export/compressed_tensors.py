@@ -33,7 +33,7 @@ def pack_state(state: dict[str, torch.Tensor], quantized: dict, dtype: torch.dty
         del state[f"{name}.weight"]
         state[f"{name}.weight_packed"] = pack_int32(q.codes, grid.bits)
         state[f"{name}.weight_scale"] = grid.scale.to(dtype)
-        state[f"{name}.weight_shape"] = torch.tensor(list(q.codes.shape))
+        state[f"{name}.weight_shape"] = torch.tensor(list(q.shape))
         if grid.zero is not None:
             state[f"{name}.weight_zero_point"] = pack_int32(grid.zero.to(torch.int8), grid.bits, dim=0)
     return state

@@ -25,11 +25,11 @@ def pack_state(state: dict[str, torch.Tensor], quantized: dict,
 
     state, layers = dict(state), {}
     for name, q in quantized.items():
-        grid = q.grid
-        nonzero = grid.decode(q.codes) != 0
+        grid, codes = q.grid, q.codes  # (codes held as nibbles are unpacked once)
+        nonzero = grid.decode(codes) != 0
         is_24 = nonzero.shape[1] % 8 == 0 and satisfies_nm(nonzero, 2, 4)  # the kernel reads 8 inputs at a time
         layout = Q4InputMajor if name in input_major else Q4Sparse24 if is_24 else Q4Dense
-        packed = layout.pack(q.codes, grid.scale, grid.zero, grid.group_size)
+        packed = layout.pack(codes, grid.scale, grid.zero, grid.group_size)
         del state[f"{name}.weight"]
         state.update(_packed_state(name, packed))
         layers[name] = {"layout": layout.__name__, "shape": list(packed.shape), "group_size": grid.group_size}

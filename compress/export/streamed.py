@@ -136,16 +136,17 @@ class StreamedOutput:
 
         with per_expert_names(block) if self.fmt != "dense" else nullcontext():  # experts one by one
             state = {f"{self.prefix}.{index}.{n}": t for n, t in block.state_dict().items()}
+        act = self.recipe.act if self.recipe is not None else None
         if self.fmt == "gguf":
             state = gguf.block_state(state, quantized, self.gguf_names)
-        act = self.recipe.act if self.recipe is not None else None
-        for name in list(quantized) if self.fmt in ("compressed-tensors", "packed") else ():
-            one = {name: quantized.pop(name)}  # one linear at a time: its codes go as its stored form comes
-            if self.fmt == "compressed-tensors":
-                state = compressed_tensors.pack_state(state, one, self.dtype)
+        elif self.fmt == "compressed-tensors":
+            for name in list(quantized):  # one linear at a time: its codes go as its stored form comes
+                state = compressed_tensors.pack_state(state, {name: quantized.pop(name)}, self.dtype)
                 self.quantized_names.add(name)
-            else:
-                state, layers = packed.pack_state(state, one, {name} if act and act.target_for(name) else set())
+        elif self.fmt == "packed":
+            for name in list(quantized):
+                input_major = {name} if act and act.target_for(name) else set()
+                state, layers = packed.pack_state(state, {name: quantized.pop(name)}, input_major)
                 self.packed_layers.update(layers)
         quantized.clear()
         self.writer.write(index, state)
