@@ -7,7 +7,8 @@ our input-major activation-sparse product at 50% zero inputs (fp32 and bf16) nex
 same dtype, and our input-major W4 (the layout of packed linears with activation thresholds) at 0% and 50% zero
 inputs next to our row-major W4; and at group 32 (issue 25): our W4 with int8 inputs (integer dot products)
 and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI or AVX2) and fp32 inputs, and at
-group 64 W4 and 2:4 + W4 on int8 inputs. Integer-kernel layouts hold fp16 scales, as packed folders do; the
+group 64 W4 and 2:4 + W4 on int8 inputs; and our input-major W4 g32 on int8 inputs with 0% and 40% zero inputs
+(TEAL's sparsity, at random), whose bytes count the live inputs' codes and every scale. Integer-kernel layouts hold fp16 scales, as packed folders do; the
 fp32-input kernels read fp32 scales (what a product binds for them), and their bytes count those. Also
 the weight bytes each reads, the GB/s that makes, and the machine's read and copy bandwidth measured the same
 way. All variants of one shape run interleaved, round-robin, so a slower period of
@@ -46,7 +47,7 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
     codes = torch.randint(-8, 8, (out, n_in), dtype=torch.int8, generator=gen)
     scale = torch.rand(out, n_in // GROUP, generator=gen) / 8
     q4 = _fp32_scales(Q4Dense.pack(codes, scale, None, GROUP))  # the fp32-input kernels read fp32 scales
-    im = Q4InputMajor.pack(codes, scale, None, GROUP)
+    im = _fp32_scales(Q4InputMajor.pack(codes, scale, None, GROUP))
     runs = codes.reshape(out, -1, 4).clone()
     runs[..., 2:] = 0  # any 2:4 pattern reads the same bytes
     s24 = _fp32_scales(Q4Sparse24.pack(runs.reshape(out, n_in), scale, None, GROUP))
@@ -64,6 +65,9 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
     s24_32 = Q4Sparse24.pack(runs.reshape(out, n_in), scale32, None, 32)
     q4_64, s24_64 = Q4Dense.pack(codes, scale64, None, 64), Q4Sparse24.pack(runs.reshape(out, n_in), scale64, None, 64)
     q4_32f, s24_32f = _fp32_scales(q4_32), _fp32_scales(s24_32)
+    im_32 = Q4InputMajor.pack(codes, scale32, None, 32)
+    x40 = x * (torch.rand(1, n_in, generator=gen) >= 0.4)  # TEAL's 40%: inputs zeroed at random
+    im_codes = im_32.data.numel()  # bytes of codes; the scales are read for every group with a live input
     int4_bytes = packed.numel() + scale_zero.numel() * 2
     return {
         "fp32 F.linear": (lambda: F.linear(x, W), W.numel() * 4),
@@ -84,6 +88,11 @@ def _variants(out: int, n_in: int, gen: torch.Generator) -> dict:
         "ours W4 g64 int8 x": (lambda: k.q4_dense_i8_mm(x, q4_64.data, q4_64.scale, q4_64.zero, out, 64), q4_64.nbytes),
         "ours 2:4 + W4 g64 int8 x": (lambda: k.q4_sparse24_i8_mm(x, s24_64.data, s24_64.pos, s24_64.scale, s24_64.zero, out, 64),
                                      s24_64.nbytes),
+        "ours W4 g32 input-major int8 x": (lambda: k.q4_input_major_i8_mm(x, im_32.data, im_32.scale, im_32.zero, out, 32),
+                                           im_32.nbytes),
+        "ours W4 g32 input-major int8 x act 40%": (
+            lambda: k.q4_input_major_i8_mm(x40, im_32.data, im_32.scale, im_32.zero, out, 32),
+            im_32.nbytes - im_codes + int(im_codes * float((x40 != 0).float().mean()))),
         "ours act-sparse 50% fp32": (lambda: k.act_sparse_mm(x50, WT), W.numel() * 2),
         "ours act-sparse 50% bf16": (lambda: k.act_sparse_mm(x50, WTb), W.numel()),
     }
@@ -143,6 +152,10 @@ def run(shapes, threads, repeats: int) -> dict:
                 "2:4+W4 g32 int8 x: share of read bandwidth": v["ours 2:4 + W4 g32 int8 x"]["GBps"] / bw["read_GBps"],
                 "2:4+W4 g64 int8 x vs W4 g64 int8 x": v["ours W4 g64 int8 x"]["ms"] / v["ours 2:4 + W4 g64 int8 x"]["ms"],
                 "2:4+W4 g64 int8 x vs W4 g32 int8 x": v["ours W4 g32 int8 x"]["ms"] / v["ours 2:4 + W4 g64 int8 x"]["ms"],
+                "W4 g32 input-major int8 x vs W4 g32 int8 x (no zeros)":
+                    v["ours W4 g32 int8 x"]["ms"] / v["ours W4 g32 input-major int8 x"]["ms"],
+                "W4 g32 input-major int8 x act 40% vs W4 g32 int8 x":
+                    v["ours W4 g32 int8 x"]["ms"] / v["ours W4 g32 input-major int8 x act 40%"]["ms"],
             }
             results["runs"].append(row)
             print(f"{out}x{n_in}:", flush=True)

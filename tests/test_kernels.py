@@ -51,7 +51,7 @@ def test_input_major_layout_keeps_each_inputs_weights_contiguous():
     codes, grid, W = _quantized(200, 64, 32, True)  # 200 outputs: padded to 208 (13 tiles: blocks of 8 and 5)
     packed = Q4InputMajor.pack(codes, grid.scale, None, 32)
     assert packed.data.shape == (64 * 13 * 8,) and packed.scale.shape == (2, 208)
-    assert packed.nbytes == 64 * 208 // 2 + 2 * 208 * 4
+    assert packed.nbytes == 64 * 208 // 2 + 2 * 208 * 2  # fp16 scales
     for i in (0, 17, 63):  # input i: 64 bytes in the first block, 40 in the second; low nibble output 16t+k
         runs = [packed.data[i * 64 : (i + 1) * 64], packed.data[64 * 64 + i * 40 : 64 * 64 + (i + 1) * 40]]
         u = torch.cat([torch.stack([r.reshape(-1, 8) & 0xF, r.reshape(-1, 8) >> 4], dim=1).reshape(-1) for r in runs])
@@ -223,19 +223,55 @@ def test_input_major_kernel_skips_zero_inputs_exactly(isa, shape, symmetric):
     gen = torch.Generator().manual_seed(3)
     codes, grid, W = _quantized(*shape, symmetric)
     packed = Q4InputMajor.pack(codes, grid.scale, grid.zero, group)
+    f32 = _fp32_scales(packed)  # the fp32-input kernel reads fp32 scales
     for batch in (1, 2, 5, 16):
         x = torch.randn(batch, n_in, generator=gen) * (torch.rand(batch, n_in, generator=gen) > 0.5)
         x[:, :3] = 0  # inputs no batch row needs
         if n_in > group:
             x[:, group : 2 * group] = 0  # a whole group skipped
-        y = isa.q4_input_major_mm(x, packed.data, packed.scale, packed.zero, out, group)
+        y = isa.q4_input_major_mm(x, f32.data, f32.scale, f32.zero, out, group)
         _close(y, reference.q4_input_major_mm(x, packed))
         _close(y, x @ W.t())
     x = torch.zeros(1, n_in)  # nothing live: zero outputs
-    assert torch.equal(isa.q4_input_major_mm(x, packed.data, packed.scale, packed.zero, out, group), torch.zeros(1, out))
-    assert torch.equal(isa.q4_input_major_unpack(packed.data, packed.scale, packed.zero, out, group), packed.unpack())
+    assert torch.equal(isa.q4_input_major_mm(x, f32.data, f32.scale, f32.zero, out, group), torch.zeros(1, out))
+    assert torch.equal(isa.q4_input_major_unpack(f32.data, f32.scale, f32.zero, out, group), packed.unpack())
     big = torch.randn(2, 20, n_in, generator=gen)  # prefill-sized: the wrapper dequantizes and calls the BLAS
-    _close(kops.q4_input_major_mm(big, packed), big @ W.t())
+    rounded = reference.int8_rows(big.reshape(-1, n_in)).reshape(big.shape) if group % 32 == 0 else big  # as the GEMV
+    _close(kops.q4_input_major_mm(big, packed), rounded @ W.t())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", [(37, 256, 64), (16, 96, 32), (200, 64, 32), (256, 1024 + 96, 32), (576, 576, 64),
+                                   (448, 256, 128)])
+def test_input_major_integer_kernel_matches_its_reference(isa, shape, symmetric):
+    """int8 inputs, input-major weights: only the inputs that round to non-zero are read, two at a time; every
+    output tile (64-output chunks and the odd tiles after them) equals the rounded input times W."""
+    out, n_in, group = shape
+    gen = torch.Generator().manual_seed(9)
+    codes, grid, W = _quantized(*shape, symmetric)
+    packed = Q4InputMajor.pack(codes, grid.scale, grid.zero, group)
+    assert packed.scale.dtype == PACKED_SCALE_DTYPE
+    old = _fp32_scales(packed)
+    for batch in (1, 2, 3, 5, 16):
+        x = torch.randn(batch, n_in, generator=gen) * torch.rand(batch, n_in, generator=gen).mul(4).exp()
+        x = x * (torch.rand(batch, n_in, generator=gen) > 0.4)  # activation sparsity, a different mask per row
+        x[0, 32:64] = 0  # a block with nothing live
+        x[-1, 64:96] = 3.0  # a full block of equal inputs: 16 pairs of q = 127, past int16 without widening
+        x[-1, 1] = 1e-3 * float(x[-1, :32].abs().max())  # non-zero, rounds to 0: skipped
+        for levels in (1, 2):
+            y = isa.q4_input_major_i8_mm(x, packed.data, packed.scale, packed.zero, out, group, levels)
+            _close(y, reference.q4_input_major_i8_mm(x, packed, levels))
+            assert torch.equal(isa.q4_input_major_i8_mm(x, old.data, old.scale, old.zero, out, group, levels), y)
+    ones = Q4InputMajor.pack(torch.full((64, 64), 7, dtype=torch.int8), torch.ones(64, 2), None, 32)
+    x = torch.full((1, 64), 3.0)  # u = 15 and q = 127 everywhere: 32 x 1905 per output, exact in int32
+    assert torch.equal(isa.q4_input_major_i8_mm(x, ones.data, ones.scale, None, 64, 32), torch.full((1, 64), 7.0 * 3 * 64))
+    for precision in kops.ACT_PRECISIONS:  # the product takes the integer kernel unless fp32 is asked for
+        kops.set_act_precision(precision)
+        x = torch.randn(2, n_in, generator=gen) * (torch.rand(2, n_in, generator=gen) > 0.5)
+        levels = kops.ACT_LEVELS[precision]
+        expected = reference.q4_input_major_i8_mm(x, packed, levels) if levels else reference.q4_input_major_mm(x, packed)
+        _close(kops.quantized_product(packed)(x), expected)
+    kops.set_act_precision("int8")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

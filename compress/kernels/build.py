@@ -19,7 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "cpu" / name for name in ("kernels.cpp", "int8_dot.cpp", "int8_sparse24.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).parent / "cpu" / name
+           for name in ("kernels.cpp", "int8_dot.cpp", "int8_sparse24.cpp", "int8_input_major.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).parent / "cpu" / name for name in ("isa.h", "int8_rows.h")]
 NAME = "compress_kernels"
 # -fopenmp: at::parallel_for's OpenMP pragma is compiled into the extension; without it the kernels run on one thread
@@ -87,6 +88,8 @@ def _traceable(lib):
             lambda x, data, scale, zero, out, group, levels=1: x.new_empty(x.shape[0], out))
         torch.library.register_fake(f"{NAME}::q4_sparse24_i8_mm")(
             lambda x, data, pos, scale, zero, out, group, levels=1: x.new_empty(x.shape[0], out))
+        torch.library.register_fake(f"{NAME}::q4_input_major_i8_mm")(
+            lambda x, data, scale, zero, out, group, levels=1: x.new_empty(x.shape[0], out))
         torch.library.register_fake(f"{NAME}::act_sparse_mm")(lambda x, wt: x.new_empty(x.shape[0], wt.shape[1]))
         torch.library.register_fake(f"{NAME}::q4_unpack")(
             lambda data, pos, scale, zero, out, group: scale.new_empty(out, data.shape[1] * (4 if pos is not None else 2)))

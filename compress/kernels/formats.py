@@ -69,7 +69,8 @@ TILE = 16
 # Q4Dense and Q4Sparse24 store scales and zero points in fp16, as GGUF's blocks (issue 25, step 0): 0.5 bit per
 # weight at groups of 32 instead of 1. Zero points are integers 0..15, exact; a scale rounds to 11 significant
 # bits, so runs that pack fit their grids on fp16 scales (``run.py``) and packing them loses nothing. Layouts
-# read from older folders keep their fp32 scales; the kernels take both. Q4InputMajor keeps fp32.
+# read from older folders keep their fp32 scales; the kernels take both. Q4InputMajor stores fp16 too (fp32 in
+# folders packed before the integer input-major kernel; its fp32-input kernel reads fp32 copies).
 PACKED_SCALE_DTYPE = torch.float16
 PARTS = ("data", "pos", "scale", "zero")  # the tensors a layout may hold (``pos``: Q4Sparse24 only; ``zero``: asymmetric)
 
@@ -228,8 +229,8 @@ class Q4InputMajor(_GroupedCodes):
             with zeros past ``out``) is 8 bytes, byte ``k`` = ``u[16t+k, i] | u[16t+8+k, i] << 4``, at
             ``8·(in·t0 + i·n + t - t0)`` where ``t0 = 8·(t // 8)`` starts its block and ``n`` is the
             block's tile count (8, or fewer in the last block).
-        scale, zero: ``(groups, tiles·16)`` fp32 scales and unsigned zero points per input group and output
-            (``zero`` is ``None`` when symmetric: 8 everywhere).
+        scale, zero: ``(groups, tiles·16)`` fp16 (``PACKED_SCALE_DTYPE``; fp32 in older folders) scales and
+            unsigned zero points per input group and output (``zero`` is ``None`` when symmetric: 8 everywhere).
     """
 
     @classmethod
@@ -245,7 +246,7 @@ class Q4InputMajor(_GroupedCodes):
         data = torch.cat([block.reshape(-1) for block in tiles.split(IM_BLOCK, dim=1)])
 
         def columns(t: torch.Tensor) -> torch.Tensor:  # (out, groups) -> (groups, out+pad)
-            return torch.nn.functional.pad(t.float().t(), (0, pad)).contiguous()
+            return torch.nn.functional.pad(t.float().t(), (0, pad)).to(PACKED_SCALE_DTYPE).contiguous()
 
         zu = None if zero is None else columns(zero.float() + 8)
         return cls(data, columns(scale), zu, (out, n_in), group_size)
@@ -258,5 +259,6 @@ class Q4InputMajor(_GroupedCodes):
         blocks = self.data.split([n_in * n * 8 for n in sizes])
         tiles = torch.cat([b.reshape(n_in, n, 8) for b, n in zip(blocks, sizes)], dim=1)  # (in, tiles, 8)
         u = torch.stack([tiles & 0xF, tiles >> 4], dim=2).reshape(n_in, -1)[:, :out].t().float()  # (out, in)
-        zero = self.zero[:, :out].t() if self.zero is not None else torch.full((out, self.scale.shape[0]), 8.0)
-        return (u - zero.repeat_interleave(self.group_size, dim=1)) * self.scale[:, :out].t().repeat_interleave(self.group_size, dim=1)
+        zero = self.zero[:, :out].t().float() if self.zero is not None else torch.full((out, self.scale.shape[0]), 8.0)
+        scale = self.scale[:, :out].t().float()
+        return (u - zero.repeat_interleave(self.group_size, dim=1)) * scale.repeat_interleave(self.group_size, dim=1)

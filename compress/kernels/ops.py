@@ -1,8 +1,8 @@
 """Products with packed weights: the compiled GEMV kernels for batches of up to 16 rows (decode); above that
 (prefill) the compiled dequantization and one BLAS product; without a compiler, the pure-torch reference.
 
-``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``. The GEMV kernels of ``Q4Dense``
-and ``Q4Sparse24`` weights with groups of 32·k round their input to int8 per block of 32 and take integer dot
+``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``. The GEMV kernels of ``Q4Dense``,
+``Q4Sparse24`` and ``Q4InputMajor`` weights with groups of 32·k round their input to int8 per block of 32 and take integer dot
 products (``act_precision`` ``int8``, the default; ``int8x2`` rounds twice, the second int8 level taking what
 the first left over), and prefill rounds its input the same way before the BLAS product, so a perplexity
 measures what decode computes; ``fp32`` keeps the input in fp32 (the reference the integer paths are measured
@@ -79,8 +79,9 @@ def quantized_product(w: Q4Dense | Q4Sparse24 | Q4InputMajor):
         unpack = k and (lambda: k.q4_unpack(w.data, w.pos, w.scale, w.zero, out, w.group_size))
     elif isinstance(w, Q4InputMajor):
         fallback, gemv = reference.q4_input_major_mm, k and k.q4_input_major_mm
+        integer = k and w.group_size % 32 == 0 and k.q4_input_major_i8_mm
         args = (w.data, w.scale, w.zero, out, w.group_size)
-        unpack = k and (lambda: k.q4_input_major_unpack(w.data, w.scale, w.zero, out, w.group_size))
+        unpack = k and (lambda: k.q4_input_major_unpack(*gemv_args()))
     else:
         fallback, gemv = reference.q4_dense_mm, k and k.q4_dense_mm
         integer = k and w.group_size % 32 == 0 and k.q4_dense_i8_mm

@@ -48,6 +48,11 @@ def q4_input_major_mm(x: torch.Tensor, w: Q4InputMajor) -> torch.Tensor:
     return x[:, live] @ w.unpack()[:, live].t()
 
 
+def q4_input_major_i8_mm(x: torch.Tensor, w: Q4InputMajor, levels: int = 1) -> torch.Tensor:
+    """``x @ Wᵀ`` with ``x`` rounded to int8 per block of 32: inputs that round to 0 are the ones the kernel skips."""
+    return int8_rows(x, levels=levels) @ w.unpack().t()
+
+
 def act_sparse_mm(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """``x @ WT`` for input-major ``wt`` ``(in, out)`` fp32 or bf16, reading only rows of non-zero inputs."""
     live = (x != 0).any(dim=0).nonzero().view(-1)
