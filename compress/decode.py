@@ -10,8 +10,14 @@ elementwise work into a few C++ loops around the kernels (traced as opaque ops).
 model's own forward, its KV cache copied into the static one. The decoder is bound to the model's weights as
 they are when it is built.
 
-Architectures: those whose decoder layers are llama's (``LLAMA_LIKE``). Others, and models with hooks on their
-linears (activation sparsifiers), go through ``generate`` (``supports`` says which).
+Activation sparsity (TEAL, WINA, CHESS: ``activations.thresholds.Sparsifier`` hooks on the linears) is traced
+into the step: each product's input is zeroed below its thresholds before the product, as the hook does, so an
+input-major packed linear (``Q4InputMajor``) skips the zeroed inputs' codes. Linears with thresholds are not
+fused; position bands are not taken (the band would change with the position: ``generate`` runs those).
+The hooks' counts of zeroed inputs do not move during lean decoding.
+
+Architectures: those whose decoder layers are llama's (``LLAMA_LIKE``). Others, and models with other hooks on
+their modules, go through ``generate`` (``supports`` says which).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.activations.thresholds import Sparsifier, UpOutput
 from compress.kernels import ops, reference
 from compress.kernels.build import ops as compiled_kernels
 from compress.kernels.linear import PackedLinear
@@ -31,34 +38,59 @@ ATTENTION = ("q_proj", "k_proj", "v_proj")
 MLP = ("gate_proj", "up_proj")
 
 
+def _sparsifier(module: nn.Module) -> Sparsifier | None:
+    hooks = list(module._forward_pre_hooks.values())
+    return hooks[0] if len(hooks) == 1 and isinstance(hooks[0], Sparsifier) else None
+
+
+def _traceable_hooks(module: nn.Module) -> bool:
+    """No hooks, or only what the step reproduces: one activation sparsifier without position bands before
+    the module, CHESS's record of an up projection's output after it."""
+    if module._forward_pre_hooks and (_sparsifier(module) is None or len(_sparsifier(module).edges)):
+        return False
+    return all(isinstance(h, UpOutput) for h in module._forward_hooks.values())
+
+
 def supports(model: nn.Module) -> bool:
-    """Whether ``LeanDecoder`` runs ``model``: a llama-family decoder, no hooks on its modules, no sliding window
-    shorter than the context (checked per call), batch 1."""
+    """Whether ``LeanDecoder`` runs ``model``: a llama-family decoder, no hooks on its modules but activation
+    sparsifiers without position bands, no sliding window shorter than the context (checked per call), batch 1."""
     config = model.config
     if config.model_type not in LLAMA_LIKE or getattr(config, "hidden_act", "silu") != "silu":
         return False
     if getattr(config, "rope_parameters", {}).get("rope_type", "default") == "dynamic":
         return False  # its frequencies change with the length: the table would be wrong
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return all(_traceable_hooks(m) for m in model.modules())
+
+
+def _sparsified(module: nn.Module, product: Callable) -> Callable:
+    """``product`` after ``module``'s activation sparsifier, if it has one: ``(x, up) -> product(x')``, ``x'``
+    zeroed below the thresholds (``up``: the up projection's output, for CHESS on a down projection)."""
+    hook = _sparsifier(module)
+    if hook is None:
+        return lambda x, up=None: product(x)
+    bound = hook.t[0].float()
+    return lambda x, up=None: product(hook.zero_below(x, bound.to(x.dtype), up if hook.up is not None else None))
 
 
 def _product(modules: list[nn.Module]):
-    """``x -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input: their shared packed product when they have
-    one (``kernels.fused``), else each its own."""
+    """``(x, up=None) -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input: their shared packed product when
+    they have one (``kernels.fused``; never with activation sparsifiers), else each its own, after its
+    sparsifier."""
     shared = getattr(modules[0], "shared", None)
     if shared is not None and all(m.shared is shared for m in modules):
         sizes = [m.out_features for m in modules]
         bias = None
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
-        return lambda x: (shared.product(x) if bias is None else shared.product(x) + bias).split(sizes, dim=-1)
+        return lambda x, up=None: (shared.product(x) if bias is None else shared.product(x) + bias).split(sizes, dim=-1)
     singles = []
     for m in modules:
         if isinstance(m, PackedLinear):
-            singles.append(lambda x, p=m.product, b=m.bias: p(x) if b is None else p(x) + b)
+            single = lambda x, p=m.product, b=m.bias: p(x) if b is None else p(x) + b  # noqa: E731
         else:
-            singles.append(lambda x, m=m: F.linear(x, m.weight, m.bias))
-    return lambda x: [f(x) for f in singles]
+            single = lambda x, m=m: F.linear(x, m.weight, m.bias)  # noqa: E731
+        singles.append(_sparsified(m, single))
+    return lambda x, up=None: [f(x, up) for f in singles]
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,7 +114,7 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, max_len: int, compile: bool = True):
         if not supports(model):
             raise ValueError(f"{model.config.model_type}: the lean decoder runs {', '.join(LLAMA_LIKE)} models "
-                             "without hooks; use transformers' generate")
+                             "without hooks but activation sparsifiers (no position bands); use transformers' generate")
         config, body = model.config, model.model
         self.model, self.max_len = model, max_len
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -123,7 +155,7 @@ class LeanDecoder:
             attended = self.attention(q, past[0], past[1], k, v, pos, self.scaling)  # (H, D)
             x = x + o(attended.reshape(1, H * D))[0]
             gate, up = gate_up(_rms(x, norm_post, self.eps))
-            x = x + down(F.silu(gate) * up)[0]
+            x = x + down(F.silu(gate) * up, up)[0]
             new.append(torch.stack([k, v]))
         (logits,) = self.head(_rms(x, self.norm, self.eps))
         return logits.argmax(-1), torch.stack(new)

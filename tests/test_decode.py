@@ -6,8 +6,13 @@ import torch.nn.functional as F
 from conftest import VOCAB, build
 
 from compress import decode
+from compress.activations import thresholds
+from compress.config import QuantConfig
 from compress.kernels import reference
 from compress.kernels.build import ops
+from compress.kernels.formats import PACKED_SCALE_DTYPE, Q4InputMajor
+from compress.kernels.linear import PackedLinear
+from compress.quant.grid import QuantGrid
 
 kernels = ops()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="compiled kernels unavailable")
@@ -82,6 +87,75 @@ def test_compiled_lean_decoder_picks_the_eager_tokens_and_reuses_its_cache():
         assert torch.equal(compiled.generate(ids, 20), eager.generate(ids, 20))
 
 
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def _thresholds(model, ids, sparsity: float) -> dict[str, torch.Tensor]:
+    """One TEAL threshold per linear: the ``sparsity`` quantile of |x| over ``ids``' inputs to it."""
+    seen, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for name in LINEARS:
+            full = f"model.layers.{i}.{name}"
+            handles.append(layer.get_submodule(name).register_forward_pre_hook(
+                lambda m, args, full=full: seen.__setitem__(full, args[0].detach().abs().flatten())))
+    with torch.inference_mode():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return {name: torch.full((model.get_submodule(name).in_features,), float(x.quantile(sparsity)))
+            for name, x in seen.items()}
+
+
+def _input_major(model) -> torch.nn.Module:
+    """``model`` with every decoder linear packed input-major (W4 g32, fp16 scales), as activation-sparse runs pack."""
+    for layer in model.model.layers:
+        for name in LINEARS:
+            parent, _, leaf = name.rpartition(".")
+            W = layer.get_submodule(name).weight.detach()
+            grid = QuantGrid.fit(W, QuantConfig(4, 32, symmetric=True), scale_dtype=PACKED_SCALE_DTYPE)
+            packed = Q4InputMajor.pack(grid.encode(W), grid.scale, grid.zero, 32)
+            setattr(layer.get_submodule(parent), leaf, PackedLinear(packed))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["teal", "token-scale", "chess"])
+def test_lean_decoder_zeroes_inputs_as_the_sparsifier_hooks_do(variant):
+    """Activation sparsifiers (per-linear thresholds; relative to each token's RMS; CHESS's gate-space
+    thresholds on the down projections) are traced into the step: the hooked model's greedy tokens."""
+    model = _varied("llama")
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        dense = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 6:]
+    table = _thresholds(model, ids, 0.5)
+    gate_space = None
+    if variant == "token-scale":
+        table = {n: torch.full_like(t, 0.6) for n, t in table.items()}  # |x| under 0.6 of the token's RMS
+    if variant == "chess":
+        gate_space = {f"model.layers.{i}.mlp.down_proj": f"model.layers.{i}.mlp.up_proj" for i in range(len(model.model.layers))}
+        table.update({n: torch.full_like(table[n], 0.3) for n in gate_space})  # |act(gate)| · |up| under 0.3 · |up|
+    hooks = thresholds.install(model, table, gate_space=gate_space, token_scale=variant == "token-scale")
+    assert decode.supports(model)
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 6:]
+    assert not torch.equal(want, dense)  # a test that could fail: the thresholds change the tokens
+    assert 0.2 < hooks["model.layers.0.mlp.down_proj"].sparsity < 0.9
+    assert torch.equal(decode.LeanDecoder(model, 32, compile=False).generate(ids, 20), want)
+
+
+@needs_kernels
+def test_compiled_lean_decoder_skips_zeroed_inputs_of_input_major_weights():
+    """Packed input-major W4 with TEAL thresholds, compiled: the integer input-major kernel traced into the
+    step gives the hooked model's tokens."""
+    model = _input_major(_varied("llama"))
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    thresholds.install(model, _thresholds(model, ids, 0.4))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 6:]
+    assert len(set(want.tolist())) > 4
+    assert torch.equal(decode.LeanDecoder(model, 32).generate(ids, 20), want)
+
+
 def test_lean_decoder_declines_what_it_does_not_run():
     model = _varied("llama")
     assert decode.supports(model)
@@ -92,6 +166,9 @@ def test_lean_decoder_declines_what_it_does_not_run():
     with pytest.raises(ValueError, match="use transformers' generate"):
         decode.LeanDecoder(model, 16, compile=False)
     handle.remove()
+    banded = _varied("llama")
+    thresholds.install(banded, {"model.layers.0.mlp.down_proj": torch.zeros(2, 128)}, edges=(4,))
+    assert not decode.supports(banded)  # position bands: the thresholds change with the position
     lean = decode.LeanDecoder(model, 16, compile=False)
     with pytest.raises(ValueError, match=r"at most 16 positions"):
         lean.generate(torch.zeros(1, 10, dtype=torch.long), 7)

@@ -108,13 +108,18 @@ class Sparsifier:
             self.t = self.t.to(device=x.device, dtype=x.dtype)
             self.edges = self.edges.to(x.device)
         bound = self.t[0] if len(self.edges) == 0 else self.t[band_of(self.edges, self.positions.of(x))]
-        if self.up is not None:
-            bound = bound * self.up.value.abs()
-        if self.token_scale:
-            bound = bound * token_rms(x if self.up is None else gate_activation(x, self.up.value))
-        x = x * (x.abs() >= bound)
+        x = self.zero_below(x, bound, self.up.value if self.up is not None else None)
         self._count(x)
         return (x, *args[1:])
+
+    def zero_below(self, x: torch.Tensor, bound: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` with the channels under ``bound`` (a row of ``t``) zeroed; ``up``: the up projection's output,
+        for CHESS's thresholds on gate activations. Pure: ``decode.LeanDecoder`` traces it into its step."""
+        if up is not None:
+            bound = bound * up.abs()
+        if self.token_scale:
+            bound = bound * token_rms(x if up is None else gate_activation(x, up))
+        return x * (x.abs() >= bound)
 
     def _count(self, x: torch.Tensor) -> None:
         zeros = (x == 0).sum()
