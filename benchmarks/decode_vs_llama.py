@@ -52,6 +52,9 @@ SYNTHETIC_RECIPES = {
                                                  "--quant-method", "rtn", "--quant-lm-head"],
     "magnitude-2:4 + rtn-w4g64 + int4 lm_head": ["--method", "magnitude", "--pattern", "2:4", "--quant", "w4g64",
                                                  "--quant-method", "rtn", "--quant-lm-head"],
+    # 40% TEAL on every decoder linear's input (one threshold set, as the paper; packed input-major)
+    "rtn-w4g32 + teal-40% + int4 lm_head": ["--quant", "w4g32", "--quant-method", "rtn", "--quant-lm-head",
+                                            "--act-sparsity", "0.4", "--act-method", "teal", "--act-positions", "off"],
 }
 # TinyLlama-1.1B's shape with SmolLM2's 49152-token vocabulary, untied: decode is bound by reading weights
 TINYLLAMA_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,

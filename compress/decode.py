@@ -12,9 +12,9 @@ they are when it is built.
 
 Activation sparsity (TEAL, WINA, CHESS: ``activations.thresholds.Sparsifier`` hooks on the linears) is traced
 into the step: each product's input is zeroed below its thresholds before the product, as the hook does, so an
-input-major packed linear (``Q4InputMajor``) skips the zeroed inputs' codes. Linears with thresholds are not
-fused; position bands are not taken (the band would change with the position: ``generate`` runs those).
-The hooks' counts of zeroed inputs do not move during lean decoding.
+input-major packed linear (``Q4InputMajor``) skips the zeroed inputs' codes; with position bands the step picks
+the band of its position. Linears with thresholds are not fused. The hooks' counts of zeroed inputs do not
+move during lean decoding.
 
 Architectures: those whose decoder layers are llama's (``LLAMA_LIKE``). Others, and models with other hooks on
 their modules, go through ``generate`` (``supports`` says which).
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.activations.positions import TokenPositions, band_of
 from compress.activations.thresholds import Sparsifier, UpOutput
 from compress.kernels import ops, reference
 from compress.kernels.build import ops as compiled_kernels
@@ -39,21 +40,23 @@ MLP = ("gate_proj", "up_proj")
 
 
 def _sparsifier(module: nn.Module) -> Sparsifier | None:
-    hooks = list(module._forward_pre_hooks.values())
-    return hooks[0] if len(hooks) == 1 and isinstance(hooks[0], Sparsifier) else None
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, Sparsifier)]
+    return hooks[0] if len(hooks) == 1 else None
 
 
 def _traceable_hooks(module: nn.Module) -> bool:
-    """No hooks, or only what the step reproduces: one activation sparsifier without position bands before
-    the module, CHESS's record of an up projection's output after it."""
-    if module._forward_pre_hooks and (_sparsifier(module) is None or len(_sparsifier(module).edges)):
-        return False
-    return all(isinstance(h, UpOutput) for h in module._forward_hooks.values())
+    """No hooks, or only what the step reproduces: one activation sparsifier before a linear, CHESS's record of
+    an up projection's output after it, the model's record of token positions (for position bands)."""
+    def known(hook) -> bool:
+        return isinstance(hook, (Sparsifier, UpOutput)) or isinstance(getattr(hook, "__self__", None), TokenPositions)
+
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return all(known(h) for h in hooks) and sum(isinstance(h, Sparsifier) for h in hooks) <= 1
 
 
 def supports(model: nn.Module) -> bool:
     """Whether ``LeanDecoder`` runs ``model``: a llama-family decoder, no hooks on its modules but activation
-    sparsifiers without position bands, no sliding window shorter than the context (checked per call), batch 1."""
+    sparsifiers', no sliding window shorter than the context (checked per call), batch 1."""
     config = model.config
     if config.model_type not in LLAMA_LIKE or getattr(config, "hidden_act", "silu") != "silu":
         return False
@@ -63,17 +66,22 @@ def supports(model: nn.Module) -> bool:
 
 
 def _sparsified(module: nn.Module, product: Callable) -> Callable:
-    """``product`` after ``module``'s activation sparsifier, if it has one: ``(x, up) -> product(x')``, ``x'``
-    zeroed below the thresholds (``up``: the up projection's output, for CHESS on a down projection)."""
+    """``product`` after ``module``'s activation sparsifier, if it has one: ``(x, up, pos) -> product(x')``,
+    ``x'`` zeroed below the thresholds of position ``pos``'s band (``up``: the up projection's output, for
+    CHESS on a down projection)."""
     hook = _sparsifier(module)
     if hook is None:
-        return lambda x, up=None: product(x)
-    bound = hook.t[0].float()
-    return lambda x, up=None: product(hook.zero_below(x, bound.to(x.dtype), up if hook.up is not None else None))
+        return lambda x, up, pos: product(x)
+    t, edges = hook.t.float(), hook.edges
+
+    def bound(pos: torch.Tensor) -> torch.Tensor:  # (in,)
+        return t[0] if len(edges) == 0 else t.index_select(0, band_of(edges, pos.view(1)))[0]
+
+    return lambda x, up, pos: product(hook.zero_below(x, bound(pos).to(x.dtype), up if hook.up is not None else None))
 
 
 def _product(modules: list[nn.Module]):
-    """``(x, up=None) -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input: their shared packed product when
+    """``(x, up=None, pos=None) -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input at position ``pos``: their shared packed product when
     they have one (``kernels.fused``; never with activation sparsifiers), else each its own, after its
     sparsifier."""
     shared = getattr(modules[0], "shared", None)
@@ -82,7 +90,7 @@ def _product(modules: list[nn.Module]):
         bias = None
         if any(m.bias is not None for m in modules):
             bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
-        return lambda x, up=None: (shared.product(x) if bias is None else shared.product(x) + bias).split(sizes, dim=-1)
+        return lambda x, up=None, pos=None: (shared.product(x) if bias is None else shared.product(x) + bias).split(sizes, dim=-1)
     singles = []
     for m in modules:
         if isinstance(m, PackedLinear):
@@ -90,7 +98,7 @@ def _product(modules: list[nn.Module]):
         else:
             single = lambda x, m=m: F.linear(x, m.weight, m.bias)  # noqa: E731
         singles.append(_sparsified(m, single))
-    return lambda x, up=None: [f(x, up) for f in singles]
+    return lambda x, up=None, pos=None: [f(x, up, pos) for f in singles]
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -114,7 +122,7 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, max_len: int, compile: bool = True):
         if not supports(model):
             raise ValueError(f"{model.config.model_type}: the lean decoder runs {', '.join(LLAMA_LIKE)} models "
-                             "without hooks but activation sparsifiers (no position bands); use transformers' generate")
+                             "without hooks but activation sparsifiers'; use transformers' generate")
         config, body = model.config, model.model
         self.model, self.max_len = model, max_len
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -149,15 +157,15 @@ class LeanDecoder:
         cos, sin = self.cos.index_select(0, at), self.sin.index_select(0, at)  # (1, D)
         new = []
         for (norm_in, qkv, o, norm_post, gate_up, down), past in zip(self.layers, cache):
-            q, k, v = qkv(_rms(x, norm_in, self.eps))
+            q, k, v = qkv(_rms(x, norm_in, self.eps), pos=pos)
             q = _rotate(q.view(H, D), cos, sin)
             k, v = _rotate(k.view(KV, D), cos, sin), v.view(KV, D)
             attended = self.attention(q, past[0], past[1], k, v, pos, self.scaling)  # (H, D)
-            x = x + o(attended.reshape(1, H * D))[0]
-            gate, up = gate_up(_rms(x, norm_post, self.eps))
-            x = x + down(F.silu(gate) * up, up)[0]
+            x = x + o(attended.reshape(1, H * D), pos=pos)[0]
+            gate, up = gate_up(_rms(x, norm_post, self.eps), pos=pos)
+            x = x + down(F.silu(gate) * up, up, pos)[0]
             new.append(torch.stack([k, v]))
-        (logits,) = self.head(_rms(x, self.norm, self.eps))
+        (logits,) = self.head(_rms(x, self.norm, self.eps), pos=pos)
         return logits.argmax(-1), torch.stack(new)
 
     @torch.inference_mode()

@@ -119,10 +119,11 @@ def _input_major(model) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("variant", ["teal", "token-scale", "chess"])
+@pytest.mark.parametrize("variant", ["teal", "token-scale", "chess", "bands"])
 def test_lean_decoder_zeroes_inputs_as_the_sparsifier_hooks_do(variant):
     """Activation sparsifiers (per-linear thresholds; relative to each token's RMS; CHESS's gate-space
-    thresholds on the down projections) are traced into the step: the hooked model's greedy tokens."""
+    thresholds on the down projections; position bands, the step's position picking its thresholds) are traced
+    into the step: the hooked model's greedy tokens."""
     model = _varied("llama")
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -134,7 +135,11 @@ def test_lean_decoder_zeroes_inputs_as_the_sparsifier_hooks_do(variant):
     if variant == "chess":
         gate_space = {f"model.layers.{i}.mlp.down_proj": f"model.layers.{i}.mlp.up_proj" for i in range(len(model.model.layers))}
         table.update({n: torch.full_like(table[n], 0.3) for n in gate_space})  # |act(gate)| · |up| under 0.3 · |up|
-    hooks = thresholds.install(model, table, gate_space=gate_space, token_scale=variant == "token-scale")
+    edges = ()
+    if variant == "bands":  # positions 0..9 at the 50% thresholds, from 10 on at the 80% ones
+        table = {n: torch.stack([t, t80]) for (n, t), t80 in zip(table.items(), _thresholds(model, ids, 0.8).values())}
+        edges = (10,)
+    hooks = thresholds.install(model, table, gate_space=gate_space, token_scale=variant == "token-scale", edges=edges)
     assert decode.supports(model)
     with torch.inference_mode():
         want = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, 6:]
@@ -166,9 +171,6 @@ def test_lean_decoder_declines_what_it_does_not_run():
     with pytest.raises(ValueError, match="use transformers' generate"):
         decode.LeanDecoder(model, 16, compile=False)
     handle.remove()
-    banded = _varied("llama")
-    thresholds.install(banded, {"model.layers.0.mlp.down_proj": torch.zeros(2, 128)}, edges=(4,))
-    assert not decode.supports(banded)  # position bands: the thresholds change with the position
     lean = decode.LeanDecoder(model, 16, compile=False)
     with pytest.raises(ValueError, match=r"at most 16 positions"):
         lean.generate(torch.zeros(1, 10, dtype=torch.long), 7)

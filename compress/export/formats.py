@@ -96,11 +96,10 @@ def storage_bytes(report, fmt: str, dtype: torch.dtype, symmetric: bool = True, 
             stored += n_out * n_in // 32 * (34 if layer.bits == 8 else 18 if symmetric else 20)
             continue
         groups = n_in // layer.group_size
-        if fmt == "packed":  # kernels.formats: 16-row tiles, fp16 scales and unsigned zero points (fp32 input-major)
+        if fmt == "packed":  # kernels.formats: 16-row tiles, fp16 scales and unsigned zero points
             rows = -(-n_out // TILE) * TILE
-            scale_bytes = 4 if layer.act_target else PACKED_SCALE_DTYPE.itemsize
             codes = rows * n_in * (3 if sparse24 and not layer.act_target else 4) // 8
-            stored += codes + rows * groups * scale_bytes * (1 if symmetric else 2)
+            stored += codes + rows * groups * PACKED_SCALE_DTYPE.itemsize * (1 if symmetric else 2)
             continue
         stored += n_out * math.ceil(n_in * layer.bits / 32) * 4 + n_out * groups * size + 2 * 8
         if not symmetric:
