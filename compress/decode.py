@@ -13,8 +13,8 @@ they are when it is built.
 Activation sparsity (TEAL, WINA, CHESS: ``activations.thresholds.Sparsifier`` hooks on the linears) is traced
 into the step: each product's input is zeroed below its thresholds before the product, as the hook does, so an
 input-major packed linear (``Q4InputMajor``) skips the zeroed inputs' codes; with position bands the step picks
-the band of its position. Linears with thresholds are not fused. The hooks' counts of zeroed inputs do not
-move during lean decoding.
+the band of its position. Linears with thresholds are not fused. The step also counts the inputs it zeroed,
+added to the hooks' counts (``Sparsifier.sparsity``) once a ``generate`` ends.
 
 Architectures: those whose decoder layers are llama's (``LLAMA_LIKE``). Others, and models with other hooks on
 their modules, go through ``generate`` (``supports`` says which).
@@ -65,10 +65,10 @@ def supports(model: nn.Module) -> bool:
     return all(_traceable_hooks(m) for m in model.modules())
 
 
-def _sparsified(module: nn.Module, product: Callable) -> Callable:
+def _sparsified(module: nn.Module, product: Callable, zeros: list) -> Callable:
     """``product`` after ``module``'s activation sparsifier, if it has one: ``(x, up, pos) -> product(x')``,
     ``x'`` zeroed below the thresholds of position ``pos``'s band (``up``: the up projection's output, for
-    CHESS on a down projection)."""
+    CHESS on a down projection); each call appends ``(hook, zeros in x', numel)`` to ``zeros``."""
     hook = _sparsifier(module)
     if hook is None:
         return lambda x, up, pos: product(x)
@@ -77,13 +77,18 @@ def _sparsified(module: nn.Module, product: Callable) -> Callable:
     def bound(pos: torch.Tensor) -> torch.Tensor:  # (in,)
         return t[0] if len(edges) == 0 else t.index_select(0, band_of(edges, pos.view(1)))[0]
 
-    return lambda x, up, pos: product(hook.zero_below(x, bound(pos).to(x.dtype), up if hook.up is not None else None))
+    def sparse_product(x: torch.Tensor, up: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+        x = hook.zero_below(x, bound(pos).to(x.dtype), up if hook.up is not None else None)
+        zeros.append((hook, (x == 0).sum(), x.numel()))
+        return product(x)
+
+    return sparse_product
 
 
-def _product(modules: list[nn.Module]):
-    """``(x, up=None, pos=None) -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input at position ``pos``: their shared packed product when
-    they have one (``kernels.fused``; never with activation sparsifiers), else each its own, after its
-    sparsifier."""
+def _product(modules: list[nn.Module], zeros: list):
+    """``(x, up=None, pos=None) -> [x Wᵢᵀ + bᵢ]`` for linears that read the same input at position ``pos``: their
+    shared packed product when they have one (``kernels.fused``; never with activation sparsifiers), else each
+    its own, after its sparsifier (``_sparsified``, counting into ``zeros``)."""
     shared = getattr(modules[0], "shared", None)
     if shared is not None and all(m.shared is shared for m in modules):
         sizes = [m.out_features for m in modules]
@@ -97,7 +102,7 @@ def _product(modules: list[nn.Module]):
             single = lambda x, p=m.product, b=m.bias: p(x) if b is None else p(x) + b  # noqa: E731
         else:
             single = lambda x, m=m: F.linear(x, m.weight, m.bias)  # noqa: E731
-        singles.append(_sparsified(m, single))
+        singles.append(_sparsified(m, single, zeros))
     return lambda x, up=None, pos=None: [f(x, up, pos) for f in singles]
 
 
@@ -128,11 +133,14 @@ class LeanDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        self.layers = [(layer.input_layernorm.weight, _product([getattr(layer.self_attn, n) for n in ATTENTION]),
-                        _product([layer.self_attn.o_proj]), layer.post_attention_layernorm.weight,
-                        _product([getattr(layer.mlp, n) for n in MLP]), _product([layer.mlp.down_proj]))
+        self._zeros: list = []  # (hook, zeroed inputs, inputs) of each sparsified product of the step being run
+        zeros = self._zeros
+        self.layers = [(layer.input_layernorm.weight, _product([getattr(layer.self_attn, n) for n in ATTENTION], zeros),
+                        _product([layer.self_attn.o_proj], zeros), layer.post_attention_layernorm.weight,
+                        _product([getattr(layer.mlp, n) for n in MLP], zeros), _product([layer.mlp.down_proj], zeros))
                        for layer in body.layers]
-        self.norm, self.head = body.norm.weight, _product([model.lm_head])
+        self.norm, self.head = body.norm.weight, _product([model.lm_head], zeros)
+        self._counted: list = []  # (hook, inputs per step) in the order of the step's counts
         self.scaling = body.layers[0].self_attn.scaling
         dtype = body.norm.weight.dtype
         with torch.no_grad():
@@ -146,16 +154,18 @@ class LeanDecoder:
         self.compile = compile
         self._steps: dict[str, Callable] = {}  # activation precision -> its compiled step
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The next token after the embedded token ``x`` ``(1, hidden)`` at position ``pos`` (0-d) over the keys
         and values of the positions before it, ``cache`` ``(layers, 2, kv_heads, max_len, D)``; returns the token
-        ``(1,)`` and this position's keys and values ``(layers, 2, kv_heads, D)``, for the caller to store.
+        ``(1,)``, this position's keys and values ``(layers, 2, kv_heads, D)``, for the caller to store, and the
+        inputs each activation sparsifier zeroed ``(sparsifiers,)`` (in ``_counted``'s order).
 
         The cache is only read here: a compiled graph that writes into an input copies all of it."""
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         at = pos.view(1)
         cos, sin = self.cos.index_select(0, at), self.sin.index_select(0, at)  # (1, D)
         new = []
+        self._zeros.clear()
         for (norm_in, qkv, o, norm_post, gate_up, down), past in zip(self.layers, cache):
             q, k, v = qkv(_rms(x, norm_in, self.eps), pos=pos)
             q = _rotate(q.view(H, D), cos, sin)
@@ -166,7 +176,9 @@ class LeanDecoder:
             x = x + down(F.silu(gate) * up, up, pos)[0]
             new.append(torch.stack([k, v]))
         (logits,) = self.head(_rms(x, self.norm, self.eps), pos=pos)
-        return logits.argmax(-1), torch.stack(new)
+        self._counted = [(hook, n) for hook, _, n in self._zeros]
+        zeros = torch.stack([z for _, z, _ in self._zeros]) if self._zeros else torch.zeros(0, dtype=torch.long)
+        return logits.argmax(-1), torch.stack(new), zeros
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -183,11 +195,16 @@ class LeanDecoder:
         token = out.logits[0, -1].argmax(-1, keepdim=True)
         tokens = [token]
         embed = self.model.model.embed_tokens
+        zeroed = 0
         for pos in range(T, T + new_tokens - 1):
             args = (embed(token), torch.tensor(pos), self.cache)
-            token, new = self._compiled(args)(*args)
+            token, new, zeros = self._compiled(args)(*args)
             self.cache[:, :, :, pos] = new
             tokens.append(token)
+            zeroed = zeroed + zeros
+        if new_tokens > 1:  # the hooks count what the steps zeroed, as if they had run
+            for (hook, n), z in zip(self._counted, zeroed):
+                hook.zeros, hook.total = hook.zeros + z, hook.total + n * (new_tokens - 1)
         return torch.cat(tokens)
 
     def _compiled(self, example: tuple) -> Callable:
