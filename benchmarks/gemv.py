@@ -8,11 +8,12 @@ same dtype, and our input-major W4 (the layout of packed linears with activation
 inputs next to our row-major W4; and at group 32 (issue 25): our W4 with int8 inputs (integer dot products)
 and with fp32 inputs, and our 2:4 + W4 with int8 (AVX-512 VNNI or AVX2) and fp32 inputs, and at
 group 64 W4 and 2:4 + W4 on int8 inputs; and our input-major W4 g32 on int8 inputs with 0% and 40% zero inputs
-(TEAL's sparsity, at random), whose bytes count the live inputs' codes and every scale. Integer-kernel layouts hold fp16 scales, as packed folders do; the
-fp32-input kernels read fp32 scales (what a product binds for them), and their bytes count those. Also
-the weight bytes each reads, the GB/s that makes, and the machine's read and copy bandwidth measured the same
-way. All variants of one shape run interleaved, round-robin, so a slower period of
-a shared machine hits them alike.
+(TEAL's sparsity, at random), whose bytes count the live inputs' codes and every scale (each variant reads
+one matrix, which may stay in the L3 between its calls: ``input_major.py`` measures input-major in DRAM).
+Integer-kernel layouts hold fp16 scales, as packed folders do; the fp32-input kernels read fp32 scales (what a
+product binds for them), and their bytes count those. Also the weight bytes each reads, the GB/s that makes,
+and the machine's read and copy bandwidth measured the same way. All variants of one shape run interleaved,
+round-robin, so a slower period of a shared machine hits them alike.
 
     python benchmarks/gemv.py --json kernels.json
 """

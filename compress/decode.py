@@ -56,7 +56,7 @@ def _traceable_hooks(module: nn.Module) -> bool:
 
 def supports(model: nn.Module) -> bool:
     """Whether ``LeanDecoder`` runs ``model``: a llama-family decoder, no hooks on its modules but activation
-    sparsifiers', no sliding window shorter than the context (checked per call), batch 1."""
+    sparsifiers (and what they read), no sliding window shorter than the context (checked per call), batch 1."""
     config = model.config
     if config.model_type not in LLAMA_LIKE or getattr(config, "hidden_act", "silu") != "silu":
         return False
@@ -127,7 +127,7 @@ class LeanDecoder:
     def __init__(self, model: nn.Module, max_len: int, compile: bool = True):
         if not supports(model):
             raise ValueError(f"{model.config.model_type}: the lean decoder runs {', '.join(LLAMA_LIKE)} models "
-                             "without hooks but activation sparsifiers'; use transformers' generate")
+                             "with no hooks but activation sparsifiers; use transformers' generate")
         config, body = model.config, model.model
         self.model, self.max_len = model, max_len
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
