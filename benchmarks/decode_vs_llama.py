@@ -12,7 +12,8 @@ medians over ``--rounds`` interleaved rounds; ratios are ours / llama.cpp's toke
 ``--ppl`` adds each model's perplexity through ``compress eval`` (50 windows of 1024 of WikiText-2 test;
 llama.cpp's file read by transformers' GGUF loader), ``--agreement`` the teacher-forced top-1 agreement of int8
 (and int8x2) inputs with fp32 ones. ``--synthetic`` replaces SmolLM2 by a random model of TinyLlama-1.1B's shape (RTN recipes: its
-weights only have to be the right bytes), where reading weights, not overhead, bounds decode.
+weights only have to be the right bytes; one adds 40% TEAL, packed input-major), where reading weights, not
+overhead, bounds decode.
 
     python benchmarks/decode_vs_llama.py --work /tmp/decode-work --json benchmarks/results/decode-vs-llama.json
 """

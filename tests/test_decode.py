@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, build
 
-from compress import decode
+from compress import decode, models
 from compress.activations import thresholds
 from compress.config import QuantConfig
 from compress.kernels import reference
@@ -87,17 +87,13 @@ def test_compiled_lean_decoder_picks_the_eager_tokens_and_reuses_its_cache():
         assert torch.equal(compiled.generate(ids, 20), eager.generate(ids, 20))
 
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-           "mlp.up_proj", "mlp.down_proj")
-
-
 def _thresholds(model, ids, sparsity: float) -> dict[str, torch.Tensor]:
     """One TEAL threshold per linear: the ``sparsity`` quantile of |x| over ``ids``' inputs to it."""
     seen, handles = {}, []
     for i, layer in enumerate(model.model.layers):
-        for name in LINEARS:
+        for name, linear in models.linears(layer).items():
             full = f"model.layers.{i}.{name}"
-            handles.append(layer.get_submodule(name).register_forward_pre_hook(
+            handles.append(linear.register_forward_pre_hook(
                 lambda m, args, full=full: seen.__setitem__(full, args[0].detach().abs().flatten())))
     with torch.inference_mode():
         model(ids)
@@ -110,9 +106,9 @@ def _thresholds(model, ids, sparsity: float) -> dict[str, torch.Tensor]:
 def _input_major(model) -> torch.nn.Module:
     """``model`` with every decoder linear packed input-major (W4 g32, fp16 scales), as activation-sparse runs pack."""
     for layer in model.model.layers:
-        for name in LINEARS:
+        for name, linear in models.linears(layer).items():
             parent, _, leaf = name.rpartition(".")
-            W = layer.get_submodule(name).weight.detach()
+            W = linear.weight.detach()
             grid = QuantGrid.fit(W, QuantConfig(4, 32, symmetric=True), scale_dtype=PACKED_SCALE_DTYPE)
             packed = Q4InputMajor.pack(grid.encode(W), grid.scale, grid.zero, 32)
             setattr(layer.get_submodule(parent), leaf, PackedLinear(packed))

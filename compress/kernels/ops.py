@@ -2,9 +2,9 @@
 (prefill) the compiled dequantization and one BLAS product; without a compiler, the pure-torch reference.
 
 ``x`` may have any leading shape ``(..., in)``; results are fp32 ``(..., out)``. The GEMV kernels of ``Q4Dense``,
-``Q4Sparse24`` and ``Q4InputMajor`` weights with groups of 32·k round their input to int8 per block of 32 and take integer dot
-products (``act_precision`` ``int8``, the default; ``int8x2`` rounds twice, the second int8 level taking what
-the first left over), and prefill rounds its input the same way before the BLAS product, so a perplexity
+``Q4Sparse24`` and ``Q4InputMajor`` weights with groups of 32·k round their input to int8 per block of 32 and
+take integer dot products (``act_precision`` ``int8``, the default; ``int8x2`` rounds twice, the second int8
+level taking what the first left over), and prefill rounds its input the same way before the BLAS product, so a perplexity
 measures what decode computes; ``fp32`` keeps the input in fp32 (the reference the integer paths are measured
 against). ``COMPRESS_ACT_PRECISION`` sets the starting choice.
 Without the compiled kernels (or off the CPU) inputs stay fp32.

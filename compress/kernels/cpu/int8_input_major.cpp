@@ -34,7 +34,7 @@ constexpr int32_t INT16_ROOM = 32767 / 15;  // sum of |q| whose products with co
 struct Pair {
   int32_t i, j;    // inputs (j == i for an odd one out, whose q is then 0)
   int16_t q;       // (uint8) q[i] | q[j] << 8: the vpmaddubsw multiplier
-  bool widen;      // the int16 sums are folded into the outputs after this pair
+  bool fold;       // the int16 sums are folded into the outputs after this pair
 };
 
 // Each row's live inputs, paired, block by block: pairs (rows, blocks, BLOCK / 2), n (rows, blocks) in use.
@@ -58,8 +58,8 @@ LivePairs live_pairs(const Int8Rows& x, int64_t rows, int64_t in) {
         const int32_t i = live[c], j = c + 1 < m ? live[c + 1] : i;
         const int8_t qi = q[i], qj = c + 1 < m ? q[j] : 0;
         const int32_t mass = std::abs(qi) + std::abs(qj);
-        if (mass > room) {  // this pair would not fit: widen after the last one
-          out[n - 1].widen = true;
+        if (mass > room) {  // this pair would not fit: fold after the last one
+          out[n - 1].fold = true;
           room = INT16_ROOM;
         }
         room -= mass;
@@ -67,7 +67,7 @@ LivePairs live_pairs(const Int8Rows& x, int64_t rows, int64_t in) {
                       static_cast<int16_t>(static_cast<uint8_t>(qi) | (static_cast<uint16_t>(static_cast<uint8_t>(qj)) << 8)),
                       false};
       }
-      if (n) out[n - 1].widen = true;
+      if (n) out[n - 1].fold = true;
       p.n[r * blocks + k] = n;
     }
   }
@@ -154,9 +154,9 @@ __attribute__((target("avx2,fma,f16c"))) void im_i8_chunks_avx2(const ImI8Args& 
       const __m256i xq = _mm256_set1_epi16(pairs[p].q);
       pair_products(u, v, xq, s0, s1, s2, s3);
       if constexpr (NC == 2) pair_products(u + 32, v + 32, xq, s4, s5, s6, s7);
-      last = pairs[p].widen;
+      last = pairs[p].fold;
     }
-    const __m256i s[8] = {s0, s1, s2, s3, s4, s5, s6, s7};  // sums[4c + m]: chunk c, lane l: outputs 64c + 32l + 8m ..
+    const __m256i s[8] = {s0, s1, s2, s3, s4, s5, s6, s7};  // s[4c + m]: chunk c, lane l: outputs 64c + 32l + 8m ..
     for (int m = 0; m < 4 * NC; ++m) {
       for (int l = 0; l < 2; ++l) {
         const int64_t o = 64 * (m / 4) + 32 * l + 8 * (m % 4);  // tile-even sums: low nibbles 16t + k, high 16t + 8 + k
@@ -173,23 +173,20 @@ __attribute__((target("avx2,fma,f16c"))) void im_i8_chunks_avx2(const ImI8Args& 
 template <bool AVX2>
 void im_i8_block(const ImI8Args& a, int64_t blk) {
   const int64_t t0 = blk * IM_BLOCK, n = std::min(IM_BLOCK, a.tiles - t0), blocks = a.in / BLOCK;
-  const int64_t chunks = AVX2 ? n / CHUNK : 0, levels = a.x->levels;
+  const int64_t chunks = AVX2 ? n / CHUNK : 0, param_bytes = a.half ? 2 : 4;
   for (int64_t r = 0; r < a.rows; ++r) {
     alignas(64) float y[IM_BLOCK * TILE] = {0};
     for (int64_t k = 0; chunks && k < blocks; ++k) {
       if (a.live->n[r * blocks + k] == 0) continue;
       if (k + 1 < blocks) {  // the next block's scales: a row of the (groups, outputs) table, out of the codes' stream
-        const char* scales = static_cast<const char*>(a.scale) + (a.half ? 2 : 4) * (((k + 1) * BLOCK / a.group) * a.tiles * TILE + t0 * TILE);
-        for (int64_t o = 0; o < n * TILE * (a.half ? 2 : 4); o += 64) _mm_prefetch(scales + o, _MM_HINT_T0);
+        const char* scales = static_cast<const char*>(a.scale) + param_bytes * (((k + 1) * BLOCK / a.group) * a.tiles * TILE + t0 * TILE);
+        for (int64_t o = 0; o < n * TILE * param_bytes; o += 64) _mm_prefetch(scales + o, _MM_HINT_T0);
       }
       if (chunks == 2) im_i8_chunks_avx2<2>(a, r, k, t0, n, y);
       else im_i8_chunks_avx2<1>(a, r, k, t0, n, y);
     }
     if (chunks * CHUNK < n) im_i8_tiles_portable(a, r, t0, n, chunks * CHUNK, n, y);
-    const int64_t outputs = std::min(n * TILE, a.out - t0 * TILE);
-    float* dst = a.y + (r / levels) * a.out + t0 * TILE;
-    if (r % levels == 0) std::memcpy(dst, y, outputs * sizeof(float));
-    else for (int64_t o = 0; o < outputs; ++o) dst[o] += y[o];
+    for (int64_t t = 0; t < n; ++t) store_tile(a, t0 + t, r, y + t * TILE);  // a later level adds to the first
   }
 }
 

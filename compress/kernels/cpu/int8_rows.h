@@ -1,6 +1,6 @@
-// What the integer-dot kernels (int8_dot.cpp: q4_dense, int8_sparse24.cpp: q4_sparse24) share: the input rounded
-// to int8 per block of 32, the fp16 / fp32 group parameters, the tile store, the batch loop and the argument
-// checks. See int8_dot.cpp for the arithmetic.
+// What the integer-dot kernels (int8_dot.cpp: q4_dense, int8_sparse24.cpp: q4_sparse24, int8_input_major.cpp:
+// q4_input_major) share: the input rounded to int8 per block of 32, the fp16 / fp32 group parameters, the tile
+// store, the batch loop and the argument checks. See int8_dot.cpp for the arithmetic.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -79,7 +79,7 @@ __attribute__((target("avx512f"))) inline __m512 param16(const void* p, bool hal
 
 // Row b of a tile's products: written for a first level, added for a later one (a tile's rows are stored by one
 // thread in order).
-template <typename A>  // I8Args (int8_dot.cpp) or S8Args (int8_sparse24.cpp)
+template <typename A>  // I8Args (int8_dot.cpp), S8Args (int8_sparse24.cpp) or ImI8Args (int8_input_major.cpp)
 inline void store_tile(const A& a, int64_t t, int64_t b, const float* lanes) {
   const int64_t rows = std::min<int64_t>(TILE, a.out - t * TILE);
   float* y = a.y + (b / a.x->levels) * a.out + t * TILE;
